@@ -1,0 +1,151 @@
+"""Profiles, paths, device and seeding: the few global choices every stage shares.
+
+A *profile* says which world the course runs in:
+
+- ``tiny``  the offline world on a laptop CPU (the default, and what CI runs): the project's own
+            review generator, its own BPE tokenizer and a 2-layer GPT-2 shipped in ``data/``.
+- ``small`` the same offline world with a 4-layer x 256 GPT-2, pretrained into the cache folder
+            on first use, for a richer local run.
+- ``gpt2``  the real thing on one GPU: ``gpt2`` (124M) and IMDB review prefixes from the hub.
+- ``auto``  ``gpt2`` where CUDA is present, else ``tiny``.
+
+The profile is chosen by argument, else by the ``RLHF_PROFILE`` environment variable, else ``auto``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+
+
+def data_dir() -> Path:
+    """Folder of what the offline world ships (tokenizer, tiny base model, prompts)."""
+    return Path(os.environ.get("RLHF_DATA_DIR", REPO_DIR / "data"))
+
+
+def cache_dir() -> Path:
+    """Ignored folder where stages write checkpoints they build (SFT, reward model, ...)."""
+    return Path(os.environ.get("RLHF_CACHE_DIR", REPO_DIR / "cache"))
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # "tiny", "small" or "gpt2"
+    base_model: str  # hub name or local folder of the pretrained causal LM the course starts from
+    tokenizer: str  # hub name or local folder of its tokenizer
+    prompt_source: str  # "world" (the offline review generator) or "imdb" (hub review prefixes)
+    n_layer: int  # transformer blocks, used when the project pretrains the base model itself
+    n_head: int  # attention heads per block
+    n_embd: int  # width of the residual stream
+    n_positions: int  # longest sequence (prompt + response) the model can see
+    vocab_size: int  # BPE vocabulary size of the offline tokenizer (ignored for gpt2)
+    max_new_tokens: int  # longest response sampled before we stop and call it "no EOS"
+    pretrain_steps: int  # optimiser steps of base-model pretraining
+    pretrain_batch_size: int  # reviews per pretraining step
+    pretrain_lr: float  # peak AdamW learning rate of pretraining
+    generation_batch_size: int  # prompts sampled in parallel when generating
+    n_eval_prompts: int  # held-out prompts every stage is scored on (gold means are comparable)
+
+    @property
+    def offline(self) -> bool:
+        """True when nothing needs the Hugging Face hub."""
+        return self.prompt_source == "world"
+
+    def with_overrides(self, **changes) -> "Profile":
+        return replace(self, **changes)
+
+
+def _profiles() -> dict[str, Profile]:
+    data = data_dir()
+    cache = cache_dir()
+    tiny = Profile(
+        name="tiny",
+        base_model=str(data / "base-tiny"),
+        tokenizer=str(data / "tokenizer"),
+        prompt_source="world",
+        n_layer=2,
+        n_head=4,
+        n_embd=128,
+        n_positions=128,
+        vocab_size=2048,
+        max_new_tokens=64,
+        pretrain_steps=1500,
+        pretrain_batch_size=64,
+        pretrain_lr=3e-3,
+        generation_batch_size=128,
+        n_eval_prompts=256,
+    )
+    small = replace(
+        tiny,
+        name="small",
+        base_model=str(cache / "base-small"),
+        n_layer=4,
+        n_head=4,
+        n_embd=256,
+        pretrain_steps=3000,
+        pretrain_lr=1.5e-3,
+    )
+    gpt2 = Profile(
+        name="gpt2",
+        base_model="gpt2",
+        tokenizer="gpt2",
+        prompt_source="imdb",
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        n_positions=1024,
+        vocab_size=50257,
+        max_new_tokens=48,
+        pretrain_steps=0,  # the hub checkpoint is already pretrained
+        pretrain_batch_size=0,
+        pretrain_lr=0.0,
+        generation_batch_size=64,
+        n_eval_prompts=256,
+    )
+    return {"tiny": tiny, "small": small, "gpt2": gpt2}
+
+
+PROFILE_NAMES = ("tiny", "small", "gpt2", "auto")
+
+
+def resolve_profile_name(name: str | None = None) -> str:
+    """Argument, else ``RLHF_PROFILE``, else ``auto``; ``auto`` becomes gpt2 on CUDA, else tiny."""
+    chosen = (name or os.environ.get("RLHF_PROFILE") or "auto").strip().lower()
+    if chosen not in PROFILE_NAMES:
+        raise ValueError(f"unknown profile {chosen!r}: choose one of {', '.join(PROFILE_NAMES)}")
+    if chosen == "auto":
+        chosen = "gpt2" if torch.cuda.is_available() else "tiny"
+    return chosen
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile by name (see module docstring); paths are read from the environment each call."""
+    return _profiles()[resolve_profile_name(name)]
+
+
+def select_device(preferred: str | None = None) -> torch.device:
+    """CUDA, then Apple's MPS, then CPU; ``RLHF_DEVICE`` or the argument overrides."""
+    preferred = preferred or os.environ.get("RLHF_DEVICE")
+    if preferred:
+        return torch.device(preferred)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); returns a CPU generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,120 @@
+"""Sampling responses: our own decoding loop with a KV cache, stopping at EOS.
+
+``generate`` takes a batch of prompts, left-pads them (so every prompt ends in the same column
+and the next token of every row is predicted at the same step), then samples one token per step
+for all rows at once, reusing the attention keys and values of earlier steps (the KV cache).
+A row that produced EOS is finished: its later columns hold padding with attention 0 and
+response mask 0. The result is a ``Generation``, a ``TokenBatch`` with the masks the rest of the
+course needs (what was sampled is exactly what is scored and trained on).
+
+Sampling draws from softmax(logits / temperature) over the whole vocabulary (no top-k / top-p:
+PPO's log-probs must be those of the distribution we sampled from); temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import inspect
+
+import torch
+
+from .batching import TokenBatch, pack
+
+
+@dataclass
+class Generation(TokenBatch):
+    prompt_width: int = 0  # columns [0, prompt_width) hold the left-padded prompts
+    ended: torch.Tensor | None = None  # (B,) True where the response ended with EOS
+    prompts: list[str] | None = None  # the prompt texts
+    responses: list[str] | None = None  # the decoded responses, EOS and padding removed
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """Response tokens per row, EOS included. (B,)"""
+        return self.response_mask.sum(-1)
+
+
+def _cache_argument(model) -> str:
+    """The keyword the model's forward takes its KV cache by: ``cache`` in transformers 5.x,
+    ``past_key_values`` before (Colab images may carry either)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output):
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)  # (B,)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 1.0,
+             generator: torch.Generator | None = None) -> Generation:
+    """Sample one response per prompt (see the module docstring for the layout of the result)."""
+    device = next(model.parameters()).device
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    prompt_batch = pack(prompt_ids, [[] for _ in prompt_ids], pad_id, padding_side="left").to(device)
+    batch, prompt_width = prompt_batch.input_ids.shape
+
+    attention_mask = prompt_batch.attention_mask  # (B, P), grows by one column a step
+    positions = attention_mask.sum(-1, keepdim=True) - 1  # (B, 1) position of each row's last token
+    output = model(input_ids=prompt_batch.input_ids, attention_mask=attention_mask,
+                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    cache_argument = _cache_argument(model)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens, new_masks = [], []
+    for _ in range(max_new_tokens):
+        token = _sample(output["logits"][:, -1, :], temperature, generator)  # (B,)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        real = (~finished).long()  # rows still writing: this column is real for them
+        new_tokens.append(token)
+        new_masks.append(real)
+        finished = finished | (token == eos_id)
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, real[:, None]], dim=-1)
+        positions = positions + 1
+        output = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions,
+                       use_cache=True, **{cache_argument: _returned_cache(output)})
+
+    response_ids = torch.stack(new_tokens, dim=1)  # (B, R)
+    response_real = torch.stack(new_masks, dim=1)  # (B, R)
+    input_ids = torch.cat([prompt_batch.input_ids, response_ids], dim=1)  # (B, P + R)
+    full_attention = torch.cat([prompt_batch.attention_mask, response_real], dim=1)
+    response_mask = torch.cat([torch.zeros_like(prompt_batch.attention_mask), response_real], dim=1)
+    texts = []
+    for row in range(batch):
+        ids = response_ids[row][response_real[row].bool()].tolist()
+        if ids and ids[-1] == eos_id and finished[row]:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return Generation(input_ids=input_ids, attention_mask=full_attention, response_mask=response_mask,
+                      prompt_width=prompt_width, ended=finished.clone(), prompts=list(prompts),
+                      responses=texts)
+
+
+def sample_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                     temperature: float = 1.0, batch_size: int = 64, seed: int | None = 0,
+                     progress: bool = False) -> tuple[list[str], list[bool]]:
+    """Responses (text) and EOS flags for many prompts, generated ``batch_size`` at a time."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    responses, ended = [], []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generating", disable=not progress):
+        result = generate(model, tokenizer, prompts[start:start + batch_size], max_new_tokens,
+                          temperature, generator)
+        responses += result.responses
+        ended += result.ended.tolist()
+    return responses, ended

@@ -1,0 +1,90 @@
+"""Loading and creating the causal language models the course trains.
+
+Every model, hub or local, goes through ``from_pretrained``: ``"gpt2"`` comes from the Hugging
+Face hub on the GPU profile, ``data/base-tiny`` from this repository in the offline profile, and
+checkpoints the stages write (SFT, reward model, PPO) from the cache folder. Weights are read
+from safetensors files; nothing here runs code shipped with a model (no ``trust_remote_code``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from .config import Profile
+
+# What to run to rebuild each local checkpoint the course can miss; used in error messages.
+HOW_TO_BUILD = {
+    "base-tiny": "python -m rlhf_core pretrain --profile tiny",
+    "base-small": "python -m rlhf_core pretrain --profile small",
+    "tokenizer": "python -m rlhf_core pretrain --profile tiny",
+}
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """A local folder (absolute, relative or existing) rather than a hub name like ``gpt2``."""
+    return os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)
+
+
+def pretrained_error(name_or_path: str, what: str, error: Exception) -> Exception:
+    """A clear error for a checkpoint that could not be loaded: say how to make it, or why."""
+    if looks_like_path(name_or_path):
+        folder = Path(name_or_path)
+        build = HOW_TO_BUILD.get(folder.name, "the stage of the course that writes it")
+        return FileNotFoundError(
+            f"no {what} checkpoint at {folder}: build it with `{build}` "
+            f"(or run the chapter that creates it). Original error: {error}")
+    return OSError(
+        f"could not load the {what} '{name_or_path}' from the Hugging Face hub (offline, or the hub "
+        f"is unreachable). The course runs without the hub in the 'tiny' profile: set "
+        f"RLHF_PROFILE=tiny or pass --profile tiny. Original error: {error}")
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability to 0: RLHF compares log-probs of the same text under
+    different models and passes, and dropout noise would leak into the ratios and the KL."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def load_causal_lm(name_or_path: str | Path, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A causal LM from the hub or a local folder (safetensors), dropout off, in eval mode."""
+    name_or_path = str(name_or_path)
+    try:
+        model = GPT2LMHeadModel.from_pretrained(name_or_path, torch_dtype=dtype or torch.float32,
+                                                use_safetensors=True)
+    except OSError as error:
+        raise pretrained_error(name_or_path, "model", error) from error
+    disable_dropout(model)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def new_model(profile: Profile, vocab_size: int, eos_token_id: int, pad_token_id: int,
+              seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 of the profile's shape (what pretraining starts from)."""
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=profile.n_positions,
+        n_embd=profile.n_embd,
+        n_layer=profile.n_layer,
+        n_head=profile.n_head,
+        # The world's text is unlimited and never repeats exactly: no need for dropout.
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

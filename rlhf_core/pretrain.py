@@ -1,0 +1,205 @@
+"""Pretraining the offline world's base model: a small GPT-2 that has read many reviews.
+
+RLHF starts from a model that already writes fluent text. The gpt2 profile takes it from the hub;
+the offline profiles make their own: a byte-level BPE tokenizer and a small ``GPT2LMHeadModel``
+trained with the plain next-token loss (Radford et al., 2019) on whole reviews from
+``rlhf_core.world``, of every mood, each ending in EOS. The result reads like the world's reviews,
+positive and negative alike, and knows when to stop; it has no preference of its own. That is
+what SFT, the reward model and PPO will change.
+
+    python -m rlhf_core pretrain --profile tiny     # rewrites data/tokenizer and data/base-tiny
+    python -m rlhf_core pretrain --profile small    # writes cache/base-small (tokenizer from data/)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import world
+from .batching import pack, position_ids_from_mask
+from .config import Profile, data_dir, seed_everything
+from .models import count_parameters, new_model
+from .tokenizer import load_tokenizer, train_tokenizer
+from .training import (check_finite, cosine_with_warmup, load_checkpoint, save_checkpoint,
+                       set_learning_rate)
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 1500  # optimiser steps
+    batch_size: int = 64  # reviews per step
+    learning_rate: float = 3e-3  # peak AdamW learning rate (small models like it high)
+    warmup_steps: int = 100  # linear warmup before the cosine decay
+    weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices
+    n_train_reviews: int = 60_000  # reviews drawn once from the world for training
+    n_validation_reviews: int = 1_000  # held-out reviews (another seed) for the validation loss
+    eval_every: int = 250  # steps between validation-loss measurements
+    checkpoint_every: int = 500  # steps between resumable checkpoints (0: never)
+    seed: int = 0  # model initialisation and batch order
+
+    @classmethod
+    def for_profile(cls, profile: Profile) -> "PretrainConfig":
+        return cls(steps=profile.pretrain_steps, batch_size=profile.pretrain_batch_size,
+                   learning_rate=profile.pretrain_lr)
+
+
+def tokenize_reviews(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each review's ids with EOS appended: the model learns where a review ends."""
+    return [ids + [tokenizer.eos_token_id]
+            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def language_model_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens where ``loss_mask`` (default: the attention
+    mask) is 1. A token is predicted from the position before it, so its mask entry counts there."""
+    loss_mask = attention_mask if loss_mask is None else loss_mask
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask)).logits  # (B, T, V)
+    targets = input_ids[:, 1:]  # (B, T-1)
+    token_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                 targets.reshape(-1), reduction="none").view_as(targets)
+    weights = loss_mask[:, 1:].float()
+    return (token_loss * weights).sum() / weights.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def validation_loss(model, tokenized: list[list[int]], pad_id: int, batch_size: int = 128) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(tokenized), batch_size):
+        chunk = tokenized[start:start + batch_size]
+        batch = pack(chunk, [[] for _ in chunk], pad_id).to(next(model.parameters()).device)
+        tokens = batch.attention_mask[:, 1:].sum().item()
+        total += language_model_loss(model, batch.input_ids, batch.attention_mask).item() * tokens
+        count += tokens
+    return total / count
+
+
+def build_tokenizer(profile: Profile, folder: Path, seed: int = world.PRETRAIN_SEED):
+    """Train the BPE on 20k world reviews (closings and long reviews included) and save it."""
+    tokenizer = train_tokenizer(world.pretraining_corpus(20_000, seed), profile.vocab_size)
+    tokenizer.save_pretrained(folder)
+    return load_tokenizer(folder)
+
+
+def pretrain(profile: Profile, out_dir: str | Path, config: PretrainConfig | None = None,
+             tokenizer=None, device: torch.device | str = "cpu", resume: bool = True,
+             progress: bool = True, stop_after_steps: int | None = None):
+    """Train the profile's base model from scratch on world reviews and save it to ``out_dir``.
+
+    Returns ``(model, summary)``; the summary (also written to ``out_dir/pretrain_summary.json``)
+    has the parameter count, the validation loss history and the wall time.
+
+    A checkpoint is written every ``config.checkpoint_every`` steps to ``out_dir/checkpoint``; with
+    ``resume=True`` a new call continues from it. ``stop_after_steps`` ends this call early (after
+    saving a checkpoint), e.g. to train in slices on a machine that may disconnect; the summary
+    then has ``"finished": False``.
+    """
+    config = config or PretrainConfig.for_profile(profile)
+    out_dir = Path(out_dir)
+    tokenizer = tokenizer or load_tokenizer(profile.tokenizer)
+    generator = seed_everything(config.seed)
+    model = new_model(profile, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
+                      seed=config.seed).to(device)
+
+    train = tokenize_reviews(tokenizer, world.pretraining_corpus(config.n_train_reviews, world.PRETRAIN_SEED))
+    validation = tokenize_reviews(tokenizer, world.pretraining_corpus(config.n_validation_reviews,
+                                                                      world.PRETRAIN_VALIDATION_SEED))
+    # Decay matrices only; biases and LayerNorm gains stay free (as in GPT-2 and nanoGPT).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=config.learning_rate, betas=(0.9, 0.95))
+
+    checkpoint = out_dir / "checkpoint"
+    history: list[dict] = []
+    start_step = 0
+    if resume and (checkpoint / "training_state.pt").exists():
+        restored = load_checkpoint(checkpoint, model, optimizer, generator)
+        start_step, history = restored["step"], restored["history"]
+
+    started = time.perf_counter()
+    bar = tqdm(range(start_step, config.steps), desc=f"pretraining {profile.name}", disable=not progress,
+               initial=start_step, total=config.steps)
+    for step in bar:
+        if stop_after_steps is not None and step - start_step >= stop_after_steps:
+            save_checkpoint(checkpoint, model, optimizer, step, history, generator)
+            bar.close()
+            return model, {"finished": False, "step": step, "history": history}
+        model.train()
+        set_learning_rate(optimizer, cosine_with_warmup(step, config.steps, config.warmup_steps,
+                                                        config.learning_rate))
+        rows = torch.randint(len(train), (config.batch_size,), generator=generator).tolist()
+        batch = pack([train[i] for i in rows], [[] for _ in rows], tokenizer.pad_token_id).to(device)
+        loss = language_model_loss(model, batch.input_ids, batch.attention_mask)
+        check_finite(loss, "pretraining loss", step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        record = {"step": step + 1, "train_loss": loss.item()}
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            record["validation_loss"] = validation_loss(model, validation, tokenizer.pad_token_id)
+        history.append(record)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save_checkpoint(checkpoint, model, optimizer, step + 1, history, generator)
+
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    validation_losses = [h["validation_loss"] for h in history if "validation_loss" in h]
+    summary = {
+        "finished": True,
+        "profile": profile.name,
+        "parameters": count_parameters(model),
+        "vocab_size": len(tokenizer),
+        "steps": config.steps,
+        "final_validation_loss": validation_losses[-1] if validation_losses else None,
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+        "config": asdict(config),
+        "history": history,
+    }
+    (out_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
+    if checkpoint.exists():
+        import shutil
+
+        shutil.rmtree(checkpoint)  # finished: the final weights replace the resumable state
+    return model, summary
+
+
+def build_offline_world(profile: Profile, device: torch.device | str = "cpu", rebuild_tokenizer: bool = False,
+                        progress: bool = True):
+    """Everything the offline profile ships: the tokenizer (tiny profile only, or when missing),
+    the prompt files and the base model. Returns ``(model, tokenizer, summary)``."""
+    tokenizer_folder = Path(profile.tokenizer)
+    if rebuild_tokenizer or not (tokenizer_folder / "tokenizer.json").exists():
+        tokenizer = build_tokenizer(profile, tokenizer_folder)
+    else:
+        tokenizer = load_tokenizer(tokenizer_folder)
+    write_prompt_files(data_dir())
+    model, summary = pretrain(profile, profile.base_model, tokenizer=tokenizer, device=device,
+                              progress=progress)
+    return model, tokenizer, summary
+
+
+N_TRAIN_PROMPTS = 4096  # prompts for SFT demonstrations, preference pairs and PPO
+N_EVAL_PROMPTS = 256  # held-out prompts every stage is scored on
+
+
+def write_prompt_files(folder: Path) -> None:
+    """``prompts/train.jsonl`` and ``prompts/eval.jsonl``: the world's prompts, one JSON per line."""
+    (folder / "prompts").mkdir(parents=True, exist_ok=True)
+    for split, n, seed in [("train", N_TRAIN_PROMPTS, world.TRAIN_PROMPT_SEED),
+                           ("eval", N_EVAL_PROMPTS, world.EVAL_PROMPT_SEED)]:
+        lines = [json.dumps({"prompt": p}) for p in world.sample_prompts(n, seed)]
+        (folder / "prompts" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")

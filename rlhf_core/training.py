@@ -1,0 +1,125 @@
+"""What every training loop of the course shares: the learning-rate schedule, the NaN guard, and
+checkpoints that let an interrupted run (a Colab disconnect) resume to the same result.
+
+A checkpoint folder holds:
+
+    model.safetensors        the trained weights (plus config.json, via ``save_pretrained``)
+    training_state.pt        optimizer state, step, random-number-generator states and history,
+                             read back with ``torch.load(weights_only=True)`` (no pickled code)
+
+Resuming restores all of it, so the run continues as if it had never stopped: the same batches,
+the same updates, the same final weights (the tests check this bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite: training stops rather than silently destroying the model."""
+
+
+def check_finite(value: torch.Tensor | float, name: str, step: int) -> None:
+    """Stop the run with the step and the quantity named when ``value`` is NaN or inf."""
+    number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if not math.isfinite(number):
+        raise NonFiniteLossError(
+            f"{name} is {number} at step {step}: training stopped. Usual causes: a learning rate "
+            f"too high, a reward or advantage that exploded, log-probs of an impossible token.")
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, peak_lr: float,
+                       final_fraction: float = 0.1) -> float:
+    """Linear warmup to ``peak_lr`` over ``warmup_steps``, then cosine decay to
+    ``final_fraction * peak_lr`` at ``total_steps``. A pure function of the step, so resuming
+    needs no scheduler state."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def rng_states(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every random state a training loop draws from, as tensors and plain values."""
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.tensor(np.random.get_state()[1].astype(np.int64)),
+        "numpy_position": int(np.random.get_state()[2]),
+        "python": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        states["generator"] = generator.get_state()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32),
+                         states["numpy_position"], 0, 0.0))
+    python_state = json.loads(states["python"])
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if generator is not None and "generator" in states:
+        generator.set_state(states["generator"])
+
+
+def save_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer | None, step: int,
+                    history: list[dict], generator: torch.Generator | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write a resumable checkpoint atomically (a half-written folder never replaces a good one)."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    model.save_pretrained(partial, safe_serialization=True)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": rng_states(generator),
+        "history": json.dumps(history),
+        "extra": extra or {},
+    }
+    torch.save(state, partial / "training_state.pt")
+    if folder.exists():
+        shutil.rmtree(folder)
+    partial.rename(folder)
+    return folder
+
+
+def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer | None,
+                    generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Load weights, optimizer and random states saved by ``save_checkpoint`` into the given
+    objects; returns ``{"step", "history", "extra"}``."""
+    from safetensors.torch import load_model
+
+    folder = Path(folder)
+    missing, unexpected = load_model(model, folder / "model.safetensors", strict=False)
+    # save_pretrained stores tied weights once (GPT-2's LM head is its token embedding)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    stored = {parameters[name].data_ptr() for name in parameters if name not in missing}
+    untied_missing = [name for name in missing if name in parameters and parameters[name].data_ptr() not in stored]
+    if unexpected or untied_missing:
+        raise ValueError(f"checkpoint {folder} does not match the model: missing {untied_missing}, "
+                         f"unexpected {sorted(unexpected)}")
+    state = torch.load(folder / "training_state.pt", weights_only=True)
+    if optimizer is not None and state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    restore_rng_states(state["rng"], generator)
+    return {"step": state["step"], "history": json.loads(state["history"]), "extra": state["extra"]}
