@@ -1,0 +1,407 @@
+"""Direct Preference Optimization: RLHF's objective, optimised on preference pairs without a reward
+model or sampling (Rafailov et al., 2023), and its IPO variant (Azar et al., 2023).
+
+**From the RLHF objective to a loss.** PPO maximises, for each prompt x,
+
+    max_pi  E_{y ~ pi(.|x)} [ r(x, y) ]  -  beta * KL( pi(.|x) || pi_ref(.|x) ).
+
+Written as one expectation, E_pi[ r - beta log(pi / pi_ref) ] = -beta KL(pi || pi_ref e^{r/beta} / Z)
++ beta log Z(x), so the objective is maximised (over all distributions) by
+
+    pi*(y|x) = pi_ref(y|x) exp( r(x, y) / beta ) / Z(x),    Z(x) = sum_y pi_ref(y|x) exp( r(x, y) / beta ).
+
+Z(x) sums over every possible response and cannot be computed, but the relation can be turned
+around: any policy pi is the optimum of the reward
+
+    r_pi(x, y) = beta log( pi(y|x) / pi_ref(y|x) ) + beta log Z(x),
+
+its *implicit reward*. The reward model of chapter 03 is fitted with the Bradley-Terry model,
+P(y_w preferred to y_l | x) = sigmoid( r(x, y_w) - r(x, y_l) ), which only ever sees reward
+*differences*: beta log Z(x) is the same for both responses to one prompt and cancels. Putting the
+implicit reward into the Bradley-Terry likelihood gives a loss on the policy itself,
+
+    L_DPO = -log sigmoid( beta * [ (log pi(y_w|x) - log pi(y_l|x)) - (log pi_ref(y_w|x) - log pi_ref(y_l|x)) ] ),
+
+the reward model's loss with the reward model replaced by the policy. Minimising it fits the
+preferences and, by construction, solves the KL-regularised problem for the reward it implies;
+beta plays the same role as PPO's KL coefficient (small beta: far from pi_ref). No sampling,
+no value model, no reward model: one forward pass of the policy over the two responses of each
+pair, and the reference log-probs computed once.
+
+**IPO** (Azar et al., 2023, "A General Theoretical Paradigm to Understand Learning from Human
+Preferences", eq. 17). With near-deterministic preferences, the DPO loss keeps rewarding a larger
+margin for ever: log sigmoid -> 0 only as the log-ratio difference h -> infinity, so the policy can
+drift arbitrarily far from pi_ref whatever beta says. IPO regresses h onto a fixed target instead:
+
+    L_IPO = ( h - 1 / (2 tau) )^2,   h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l)),
+
+where tau is IPO's regularisation strength. Like TRL we pass it as ``beta`` (tau = beta): a larger
+beta means a smaller target margin 1/(2 beta), i.e. stronger regularisation, as in DPO. One
+difference from TRL: TRL's IPO averages the token log-probs of each response, where this module
+sums them for both losses (the DPO paper's choice, and the log-probability of the sequence the
+derivation is about); the target 1/(2 beta) is then a margin in nats per *response*.
+
+**Conventions.** Sequence log-probs are sums over the response tokens (EOS included when the
+response ended) from ``rlhf_core.logprobs``. A pair is scored with chosen and rejected stacked in
+one batch, one forward pass (see ``pair_logps``). The reference is frozen and its log-probs are
+computed once before training (``precompute_reference_logps``). Logged "rewards" are the implicit
+rewards beta * (log pi - log pi_ref) of the chosen and rejected responses (beta log Z left out:
+it cancels in every comparison); "accuracy" is the share of pairs whose chosen response has the
+larger implicit reward (a tie, e.g. at step 0 where pi = pi_ref, counts as wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .batching import TokenBatch, encode_responses, pack
+from .config import Profile, cache_dir, get_profile, select_device, seed_everything
+from .logprobs import sequence_logprobs
+from .models import disable_dropout, load_causal_lm
+from .training import check_finite, cosine_with_warmup, load_checkpoint, save_checkpoint, set_learning_rate
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO (``"sigmoid"``) or IPO (``"ipo"``) loss from summed sequence log-probs, all (B,).
+
+    Returns ``(losses, chosen_rewards, rejected_rewards)``, each (B,). The rewards are the implicit
+    rewards beta * (log pi - log pi_ref), detached: they are for logging, the gradient flows
+    through ``losses`` only.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use one of {LOSS_TYPES}")
+    policy_logratios = policy_chosen_logps - policy_rejected_logps  # (B,) how much pi prefers y_w
+    ref_logratios = ref_chosen_logps - ref_rejected_logps  # (B,) how much pi_ref already did
+    margin = policy_logratios - ref_logratios  # (B,) h: the preference gained relative to pi_ref
+    if loss_type == "sigmoid":
+        # -log sigmoid(x) written with logsigmoid: exact for large |x| (no log(0) or exp overflow)
+        losses = -F.logsigmoid(beta * margin)  # (B,)
+    else:
+        losses = (margin - 1.0 / (2.0 * beta)) ** 2  # (B,) IPO: regress h onto 1 / (2 tau), tau = beta
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    return losses, chosen_rewards, rejected_rewards
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # KL strength: the implicit reward is beta * log(pi / pi_ref) (IPO's tau)
+    loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo" (squared loss of Azar et al.)
+    epochs: int = 2  # passes over the training pairs (ignored when ``steps`` is set)
+    steps: int | None = None  # optimiser steps; None: as many as ``epochs`` passes take
+    batch_size: int = 32  # preference pairs per step (2x that many sequences per forward pass)
+    learning_rate: float = 2e-4  # peak AdamW learning rate (tiny models; gpt2 wants far less)
+    warmup_steps: int = 10  # linear warmup before the cosine decay
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices (0: pi_ref is the anchor)
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_response_tokens: int | None = 64  # responses are cut to this many tokens (before EOS)
+    eval_every: int = 25  # steps between held-out loss / accuracy measurements (0: only at the end)
+    eval_batch_size: int = 64  # pairs per forward pass when evaluating or precomputing pi_ref
+    checkpoint_every: int = 50  # steps between resumable checkpoints (0: never)
+    held_out_fraction: float = 0.1  # share of prompts whose pairs are kept out (load_or_train_dpo)
+    seed: int = 0  # batch order (a pure function of the seed and the step, so resuming needs no RNG)
+
+    @classmethod
+    def for_profile(cls, profile: Profile, **overrides) -> "DPOConfig":
+        config = cls(max_response_tokens=profile.max_new_tokens)
+        if profile.name == "gpt2":
+            # 124M parameters move much faster per step than the tiny model: the DPO paper's
+            # learning rate range (1e-6 with batch 64) scaled up slightly for a 2-epoch run.
+            config.learning_rate = 5e-6
+            config.batch_size = 32
+            config.warmup_steps = 20
+            config.eval_batch_size = 32
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        return config
+
+    def total_steps(self, n_train: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * math.ceil(n_train / self.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches and log-probs
+
+
+def _ended(record: dict, which: str) -> bool:
+    """Whether the response produced EOS when it was sampled (missing: True, see preferences)."""
+    return bool(record.get(f"{which}_ended", True))
+
+
+def encode_preference_batch(tokenizer, records: Sequence[dict], max_response_tokens: int | None = None,
+                            padding_side: str = "right") -> TokenBatch:
+    """Rows 0..B-1: prompt + chosen; rows B..2B-1: prompt + rejected, padded to one width.
+
+    EOS is appended to a response only if it ended with EOS when it was sampled (``*_ended``): a
+    response cut at the length limit must not teach the policy to stop there. Cut responses
+    (``max_response_tokens``) keep the EOS of a response that ended, as ``encode_pairs`` does.
+    """
+    prompts = [record["prompt"] for record in records]
+    responses = [record["chosen"] for record in records] + [record["rejected"] for record in records]
+    ended = [_ended(r, "chosen") for r in records] + [_ended(r, "rejected") for r in records]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = encode_responses(tokenizer, responses, add_eos=False, max_tokens=max_response_tokens)
+    response_ids = [ids + [tokenizer.eos_token_id] if stop else ids for ids, stop in zip(response_ids, ended)]
+    return pack(prompt_ids + prompt_ids, response_ids, tokenizer.pad_token_id, padding_side)
+
+
+def pair_logps(model, tokenizer, records: Sequence[dict], max_response_tokens: int | None = None,
+               padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(chosen | prompt) and log pi(rejected | prompt), each (B,), summed over response tokens.
+
+    Chosen and rejected go through the model as one (2B, T) batch. One forward pass instead of two
+    (on a GPU, one larger matrix multiply is cheaper than two half-full ones), and both halves are
+    padded to the same width, so the chosen and rejected log-probs of a pair are computed under
+    exactly the same conditions and their difference, the quantity DPO trains, carries no numerical
+    asymmetry from different batch shapes. Gradients flow when the caller allows them.
+    """
+    device = next(model.parameters()).device
+    batch = encode_preference_batch(tokenizer, records, max_response_tokens, padding_side).to(device)
+    logps = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_mask)  # (2B,)
+    return logps[:len(records)], logps[len(records):]
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference, tokenizer, records: Sequence[dict], batch_size: int = 64,
+                               max_response_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_ref of every chosen and rejected response, (N,) each, on the CPU.
+
+    pi_ref never changes, so its log-probs are computed once before training: each training step
+    then needs forward passes of the policy only (half the compute, and no second model in memory
+    on a GPU during the update)."""
+    was_training = reference.training
+    reference.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(records), batch_size):
+        chosen_logps, rejected_logps = pair_logps(reference, tokenizer, records[start:start + batch_size],
+                                                  max_response_tokens)
+        chosen.append(chosen_logps.float().cpu())
+        rejected.append(rejected_logps.float().cpu())
+    reference.train(was_training)
+    if not chosen:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def _summary(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
+    """The numbers logged for a batch of pairs (means over the pairs)."""
+    return {
+        "loss": float(losses.detach().mean()),
+        "reward_margin": float((chosen_rewards - rejected_rewards).mean()),
+        "accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
+        "chosen_reward": float(chosen_rewards.mean()),
+        "rejected_reward": float(rejected_rewards.mean()),
+    }
+
+
+@torch.no_grad()
+def evaluate_dpo(policy, tokenizer, records: Sequence[dict], ref_chosen_logps: torch.Tensor,
+                 ref_rejected_logps: torch.Tensor, config: DPOConfig) -> dict[str, float]:
+    """Loss, reward margin, accuracy and mean implicit rewards of ``policy`` on ``records`` (no update)."""
+    was_training = policy.training
+    policy.eval()
+    losses, chosen_rewards, rejected_rewards = [], [], []
+    for start in range(0, len(records), config.eval_batch_size):
+        chunk = records[start:start + config.eval_batch_size]
+        rows = slice(start, start + len(chunk))
+        policy_chosen, policy_rejected = pair_logps(policy, tokenizer, chunk, config.max_response_tokens)
+        device = policy_chosen.device
+        loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, ref_chosen_logps[rows].to(device),
+                                          ref_rejected_logps[rows].to(device), config.beta, config.loss_type)
+        losses.append(loss.cpu())
+        chosen_rewards.append(chosen.cpu())
+        rejected_rewards.append(rejected.cpu())
+    policy.train(was_training)
+    return _summary(torch.cat(losses), torch.cat(chosen_rewards), torch.cat(rejected_rewards))
+
+
+def batch_rows(step: int, n_train: int, config: DPOConfig) -> list[int]:
+    """Rows of the training pairs used at ``step``: a fresh permutation each epoch, drawn from the
+    seed and the epoch number only, so a resumed run sees the same batches with no saved RNG state.
+    The last batch of an epoch holds what is left (it may be smaller)."""
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    epoch, position = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    return order[position * config.batch_size:(position + 1) * config.batch_size].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], held_out_records: Sequence[dict],
+              config: DPOConfig, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
+              stop_after_steps: int | None = None):
+    """Train ``policy`` with the DPO (or IPO) loss against the frozen ``reference``.
+
+    Returns ``(policy, history)``. ``history`` has one dict per step (``step``, ``loss``,
+    ``reward_margin``, ``accuracy``, ``chosen_reward``, ``rejected_reward``, ``lr``); every
+    ``config.eval_every`` steps and at the end it also holds ``held_out_loss``,
+    ``held_out_reward_margin``, ``held_out_accuracy``, ``held_out_chosen_reward`` and
+    ``held_out_rejected_reward``. A first record with ``step`` 0 holds the held-out numbers before
+    training (pi = pi_ref: loss log 2, margin 0).
+
+    With ``out_dir``: a checkpoint every ``config.checkpoint_every`` steps in ``out_dir/checkpoint``
+    (resumed from when ``resume``), and at the end the policy (``save_pretrained``) and
+    ``dpo_summary.json`` (config and history) in ``out_dir``. ``stop_after_steps`` ends this call
+    early after saving a checkpoint (a simulated disconnect); a later call finishes the run with
+    the same weights, bit for bit, as an uninterrupted one.
+    """
+    if config.loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {config.loss_type!r}: use one of {LOSS_TYPES}")
+    if not train_records:
+        raise ValueError("no training pairs")
+    policy_parameters = {p.data_ptr() for p in policy.parameters()}
+    if policy is reference or any(p.data_ptr() in policy_parameters for p in reference.parameters()):
+        raise ValueError("policy and reference share weights: pass a frozen copy of the starting "
+                         "policy as the reference (rlhf_core.sft.frozen_reference)")
+    train_records, held_out_records = list(train_records), list(held_out_records)
+    device = next(policy.parameters()).device
+    seed_everything(config.seed)
+    disable_dropout(policy)
+    disable_dropout(reference)
+    reference.eval().requires_grad_(False)
+
+    ref_chosen, ref_rejected = precompute_reference_logps(reference, tokenizer, train_records,
+                                                          config.eval_batch_size, config.max_response_tokens)
+    held_ref_chosen, held_ref_rejected = precompute_reference_logps(reference, tokenizer, held_out_records,
+                                                                    config.eval_batch_size, config.max_response_tokens)
+
+    def held_out_record() -> dict[str, float]:
+        if not held_out_records:
+            return {}
+        numbers = evaluate_dpo(policy, tokenizer, held_out_records, held_ref_chosen, held_ref_rejected, config)
+        return {f"held_out_{name}": value for name, value in numbers.items()}
+
+    decay = [p for p in policy.parameters() if p.dim() >= 2]
+    no_decay = [p for p in policy.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+
+    total_steps = config.total_steps(len(train_records))
+    checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    history: list[dict] = []
+    start_step = 0
+    if checkpoint is not None and resume and (checkpoint / "training_state.pt").exists():
+        restored = load_checkpoint(checkpoint, policy, optimizer)
+        start_step, history = restored["step"], restored["history"]
+    if start_step == 0 and held_out_records:
+        history = [{"step": 0, **held_out_record()}]
+
+    started = time.perf_counter()
+    bar = tqdm(range(start_step, total_steps), desc=f"DPO (beta {config.beta:g})", disable=not progress,
+               initial=start_step, total=total_steps)
+    for step in bar:
+        if stop_after_steps is not None and step - start_step >= stop_after_steps:
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, policy, optimizer, step, history)
+            bar.close()
+            return policy, history
+        policy.train()  # dropout is off: train() only matters to modules that check it
+        lr = cosine_with_warmup(step, total_steps, config.warmup_steps, config.learning_rate)
+        set_learning_rate(optimizer, lr)
+        rows = batch_rows(step, len(train_records), config)
+        policy_chosen, policy_rejected = pair_logps(policy, tokenizer, [train_records[i] for i in rows],
+                                                    config.max_response_tokens)  # (B,), (B,)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen[rows].to(device), ref_rejected[rows].to(device),
+            config.beta, config.loss_type)
+        loss = losses.mean()
+        check_finite(loss, "DPO loss", step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        optimizer.step()
+        record = {"step": step + 1, **_summary(losses, chosen_rewards, rejected_rewards), "lr": lr}
+        if (config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == total_steps:
+            record.update(held_out_record())
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
+                        margin=f"{record['reward_margin']:+.2f}")
+        if (checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
+                and step + 1 < total_steps):
+            save_checkpoint(checkpoint, policy, optimizer, step + 1, history)
+    bar.close()
+    policy.eval()
+
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        policy.save_pretrained(out_dir, safe_serialization=True)
+        summary = {"config": asdict(config), "n_train": len(train_records), "n_held_out": len(held_out_records),
+                   "steps": total_steps, "seconds_this_run": round(time.perf_counter() - started, 1),
+                   "history": history}
+        (out_dir / "dpo_summary.json").write_text(json.dumps(summary, indent=1))
+        if checkpoint is not None and checkpoint.exists():
+            shutil.rmtree(checkpoint)  # finished: the final weights replace the resumable state
+    return policy, history
+
+
+def dpo_dir(profile: Profile, beta: float) -> Path:
+    """Where ``load_or_train_dpo`` caches the policy trained with this beta."""
+    return cache_dir() / profile.name / f"dpo-beta{beta:g}"
+
+
+def load_or_train_dpo(profile: Profile | None = None, beta: float | None = None, device=None,
+                      progress: bool = True, config: DPOConfig | None = None):
+    """The DPO policy of the profile, from ``cache_dir()/<profile>/dpo-beta<beta>`` or, when missing
+    (or trained with another config), trained now: from the SFT policy (``rlhf_core.sft``) on the
+    profile's simulated preference pairs (``rlhf_core.preferences``), split by prompt.
+
+    Returns ``(policy, history)``. ``beta`` overrides the config's (one cached policy per beta,
+    for the gold-versus-KL frontier of chapter 07). An interrupted training resumes.
+    """
+    profile = profile or get_profile()
+    config = replace(config or DPOConfig.for_profile(profile))  # a copy: the caller's stays as it was
+    if beta is not None:
+        config.beta = beta
+    device = device or select_device()
+    out_dir = dpo_dir(profile, config.beta)
+    summary_path = out_dir / "dpo_summary.json"
+    if (out_dir / "model.safetensors").exists() and summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary["config"] == asdict(config):
+            return load_causal_lm(out_dir, device=device), summary["history"]
+
+    # local imports: those stages are needed only to train, and are built by other chapters
+    from .preferences import load_or_build_preferences, split_preferences
+    from .sft import load_or_train_sft
+
+    policy, reference, tokenizer = load_or_train_sft(profile, device=device, progress=progress)
+    records = load_or_build_preferences(profile, device=device, progress=progress)
+    train_records, held_out_records = split_preferences(records, config.held_out_fraction, config.seed)
+    checkpoint = out_dir / "checkpoint" / "training_state.pt"
+    if checkpoint.exists():
+        saved = json.loads((out_dir / "checkpoint_config.json").read_text()) \
+            if (out_dir / "checkpoint_config.json").exists() else None
+        if saved != asdict(config):  # a checkpoint of another config must not be resumed
+            shutil.rmtree(checkpoint.parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "checkpoint_config.json").write_text(json.dumps(asdict(config), indent=1))
+    policy, history = train_dpo(policy, reference, tokenizer, train_records, held_out_records, config,
+                                out_dir=out_dir, resume=True, progress=progress)
+    return policy.eval(), history

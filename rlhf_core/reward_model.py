@@ -1,0 +1,444 @@
+"""The reward model r_phi(x, y): the SFT backbone with a scalar head, trained on comparisons.
+
+The recipe of Ziegler et al. (2019), Stiennon et al. (2020, "Learning to summarize from human
+feedback") and Ouyang et al. (2022, InstructGPT), with the details collected by Huang et al.
+(2024, "The N implementation details of RLHF with PPO"):
+
+1. **Surgery.** Copy the SFT model and replace its LM head (d_model -> vocabulary logits) by a
+   linear head d_model -> 1, initialised N(0, std = 1 / sqrt(d_model + 1)) (Huang et al.). The
+   backbone starts from what SFT learned about the text. We use ``transformers``'
+   ``GPT2ForSequenceClassification`` with ``num_labels=1``, so the checkpoint is an ordinary
+   sequence-classification model that ``AutoModelForSequenceClassification`` loads. Its head,
+   ``score``, has no bias: a constant added to every score cancels in every comparison.
+
+2. **Read at the last real token.** r_phi(x, y) is the head applied to the hidden state of the
+   last real token of prompt + response: the EOS token when the response ended, otherwise its
+   last token (a response cut by the length limit is scored as it is, without an EOS it never
+   wrote, so the model can tell it apart). The position is found from the attention mask
+   (``rlhf_core.batching.last_token_index``) and positions are counted over real tokens, so left
+   padding, right padding or no padding give the same score. We do *not* use the model's own
+   ``forward`` pooling: it looks for the last token that is not the pad id, which, when pad ==
+   EOS (GPT-2), skips the EOS itself; and it counts positions from column 0, so left padding
+   shifts them.
+
+3. **Bradley-Terry loss.** If people prefer y_w to y_l with probability
+   sigmoid(r(x, y_w) - r(x, y_l)), the negative log-likelihood of the labels is
+   loss = -mean log sigmoid(r(x, y_w) - r(x, y_l)).
+
+4. **Normalisation.** After training, a gain and a bias make the scores of the SFT policy's own
+   samples have mean 0 and standard deviation 1 (Ziegler et al.; Huang et al.), so the KL
+   coefficient of PPO means the same thing from run to run. They are stored in ``config.json``
+   as ``reward_gain`` / ``reward_bias``; ``normalize=True`` (the default) applies them:
+   normalised = reward_gain * raw + reward_bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import GPT2ForSequenceClassification
+
+from .batching import TokenBatch, encode_responses, last_token_index, pack, position_ids_from_mask
+from .config import Profile, cache_dir, get_profile, seed_everything, select_device
+from .models import disable_dropout, pretrained_error
+from .training import check_finite, cosine_with_warmup, set_learning_rate
+
+
+@dataclass
+class RewardModelConfig:
+    epochs: int = 2  # passes over the training pairs (the papers use 1; a tiny model needs a little more)
+    batch_size: int = 32  # pairs per optimiser step (each step scores 2 x batch_size texts)
+    learning_rate: float = 1e-3  # peak AdamW learning rate (small models like it high)
+    warmup: float = 0.05  # fraction of the steps spent warming the learning rate up linearly
+    weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 25  # steps between held-out accuracy measurements (0: only at the end)
+    held_out_fraction: float = 0.1  # share of prompts whose pairs are kept out of training
+    n_normalization_prompts: int = 512  # fresh SFT samples that fix the mean-0 / std-1 normalisation
+    score_batch_size: int = 128  # texts scored per forward pass when not training
+    seed: int = 0  # head initialisation, pair shuffling, split and normalisation samples
+
+    @classmethod
+    def for_profile(cls, profile: Profile) -> "RewardModelConfig":
+        if profile.name == "gpt2":  # a 124M model: the papers' single epoch and a gentler rate
+            return cls(epochs=1, batch_size=16, learning_rate=1e-5, eval_every=50, score_batch_size=64)
+        return cls()
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+def reward_model_from_policy(policy) -> GPT2ForSequenceClassification:
+    """The surgery: a copy of ``policy``'s transformer with a fresh scalar head instead of its LM head.
+
+    The head is initialised N(0, 1 / sqrt(d_model + 1)) (Huang et al., 2024), so initial scores
+    are O(1) and differ between texts. ``policy`` itself is not changed.
+    """
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    config.architectures = ["GPT2ForSequenceClassification"]
+    config.reward_gain = 1.0  # normalisation, set by fit_normalization
+    config.reward_bias = 0.0
+    reward_model = GPT2ForSequenceClassification(config)
+    reward_model.transformer.load_state_dict(policy.transformer.state_dict())
+    d_model = config.n_embd
+    with torch.no_grad():
+        reward_model.score.weight.normal_(0.0, 1.0 / math.sqrt(d_model + 1))
+    disable_dropout(reward_model)
+    return reward_model.to(next(policy.parameters()).device).eval()
+
+
+def normalization(reward_model) -> tuple[float, float]:
+    """(gain, bias) of the stored normalisation; (1, 0) before ``fit_normalization``."""
+    return (float(getattr(reward_model.config, "reward_gain", 1.0)),
+            float(getattr(reward_model.config, "reward_bias", 0.0)))
+
+
+def score_batch(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                normalize: bool = True) -> torch.Tensor:
+    """r_phi(x, y) of each row, read at its last real token. (B, T) -> (B,)
+
+    Gradients flow (training uses this too); wrap in ``torch.no_grad()`` to score only.
+    """
+    hidden = reward_model.transformer(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),  # left padding must not shift positions
+        use_cache=False,
+    ).last_hidden_state  # (B, T, d)
+    last = last_token_index(attention_mask)  # (B,) column of the last real token: EOS if present
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    scores = reward_model.score(hidden[rows, last]).squeeze(-1)  # (B,)
+    if normalize:
+        gain, bias = normalization(reward_model)
+        scores = gain * scores + bias
+    return scores
+
+
+def encode_for_scoring(tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                       ended: Sequence[bool] | None = None, max_length: int | None = None,
+                       padding_side: str = "right") -> TokenBatch:
+    """Prompt + response tokens; EOS is appended to the responses that ended (all, by default).
+
+    ``max_length`` (the model's context) cuts over-long responses from the end, keeping their EOS.
+    """
+    if not len(prompts) == len(responses):
+        raise ValueError(f"got {len(prompts)} prompts and {len(responses)} responses")
+    ended = [True] * len(responses) if ended is None else [bool(e) for e in ended]
+    if len(ended) != len(responses):
+        raise ValueError(f"got {len(responses)} responses and {len(ended)} ended flags")
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    response_ids = encode_responses(tokenizer, responses, add_eos=False)
+    response_ids = [ids + [tokenizer.eos_token_id] if end else ids for ids, end in zip(response_ids, ended)]
+    if max_length is not None:
+        response_ids = [ids if len(p) + len(ids) <= max_length
+                        else ids[:max(0, max_length - len(p) - 1)] + ids[-1:]
+                        for p, ids in zip(prompt_ids, response_ids)]
+    return pack(prompt_ids, response_ids, tokenizer.pad_token_id, padding_side)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_texts(reward_model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                batch_size: int = 128, normalize: bool = True,
+                ended: Sequence[bool] | None = None) -> np.ndarray:
+    """r_phi(x, y) for many (prompt, response) texts, as a float array.
+
+    ``ended[i]`` False: response i never produced EOS (it hit the length limit); it is scored at
+    its last token, without EOS. ``ended=None`` treats every response as finished.
+    """
+    reward_model.eval()
+    ended = [True] * len(responses) if ended is None else list(ended)
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        batch = encode_for_scoring(tokenizer, prompts[start:stop], responses[start:stop], ended[start:stop],
+                                   max_length=reward_model.config.n_positions).to(_device(reward_model))
+        scores.append(score_batch(reward_model, batch.input_ids, batch.attention_mask, normalize).float().cpu())
+    return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """-mean log sigmoid(r_chosen - r_rejected): the negative log-likelihood of the labels under
+    the Bradley-Terry model. ``logsigmoid`` stays finite where log(sigmoid(.)) would give log(0)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def _pair_batch(tokenizer, records: Sequence[dict], max_length: int) -> TokenBatch:
+    """One batch of 2n texts: the n chosen responses, then the n rejected ones (same prompts)."""
+    prompts = [r["prompt"] for r in records]
+    responses = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    ended = ([r.get("chosen_ended", True) for r in records] + [r.get("rejected_ended", True) for r in records])
+    return encode_for_scoring(tokenizer, prompts + prompts, responses, ended, max_length)
+
+
+def pair_scores(reward_model, tokenizer, records: Sequence[dict], batch_size: int = 128,
+                normalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen scores, rejected scores) of preference records, raw unless ``normalize``."""
+    prompts = [r["prompt"] for r in records]
+    chosen = score_texts(reward_model, tokenizer, prompts, [r["chosen"] for r in records], batch_size,
+                         normalize, [r.get("chosen_ended", True) for r in records])
+    rejected = score_texts(reward_model, tokenizer, prompts, [r["rejected"] for r in records], batch_size,
+                           normalize, [r.get("rejected_ended", True) for r in records])
+    return chosen, rejected
+
+
+def pairwise_accuracy(reward_model, tokenizer, records: Sequence[dict], batch_size: int = 128) -> dict:
+    """How often the reward model ranks a pair the way the labels do, and the way the gold does.
+
+    ``accuracy_labels``: share of pairs where r(chosen) > r(rejected) (ties count one half).
+    ``accuracy_gold``: the same against the noise-free gold order, over pairs that have gold scores
+    and no gold tie (NaN when there are none). Also ``loss`` (Bradley-Terry) and ``n_pairs``.
+    """
+    chosen, rejected = pair_scores(reward_model, tokenizer, records, batch_size)
+    margin = chosen - rejected  # (N,)
+    agree = (margin > 0) + 0.5 * (margin == 0)
+    gold_gap = np.array([r.get("chosen_gold", np.nan) - r.get("rejected_gold", np.nan) for r in records])
+    has_gold = np.isfinite(gold_gap) & (gold_gap != 0)
+    gold_agree = (np.sign(margin) == np.sign(gold_gap)) + 0.5 * (margin == 0)
+    loss = bradley_terry_loss(torch.from_numpy(chosen), torch.from_numpy(rejected))
+    return {
+        "accuracy_labels": float(agree.mean()) if len(records) else float("nan"),
+        "accuracy_gold": float(gold_agree[has_gold].mean()) if has_gold.any() else float("nan"),
+        "loss": float(loss),
+        "n_pairs": len(records),
+    }
+
+
+def train_reward_model(reward_model, tokenizer, train_records: Sequence[dict],
+                       held_out_records: Sequence[dict], config: RewardModelConfig,
+                       progress: bool = True) -> tuple[GPT2ForSequenceClassification, list[dict]]:
+    """Fit r_phi to the labels with the Bradley-Terry loss; returns ``(reward_model, history)``.
+
+    ``history`` has one dict per step: ``step``, ``epoch``, ``lr``, ``train_loss`` and
+    ``train_accuracy`` (on that step's pairs); every ``eval_every`` steps (and at step 0 and at the
+    end) also ``held_out_accuracy_labels``, ``held_out_accuracy_gold`` and ``held_out_loss``.
+    Only the labels (chosen vs rejected) are used; the gold scores are read for the accuracy
+    against gold only.
+    """
+    from tqdm.auto import tqdm
+
+    if not train_records:
+        raise ValueError("no training pairs")
+    generator = seed_everything(config.seed)
+    device = _device(reward_model)
+    max_length = reward_model.config.n_positions
+    steps_per_epoch = math.ceil(len(train_records) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = max(1, round(config.warmup * total_steps))
+    # Decay matrices only; biases and LayerNorm gains stay free (as in pretraining).
+    decay = [p for p in reward_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in reward_model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+
+    def evaluate(record: dict) -> None:
+        if held_out_records:
+            metrics = pairwise_accuracy(reward_model, tokenizer, held_out_records, config.score_batch_size)
+            record.update(held_out_accuracy_labels=metrics["accuracy_labels"],
+                          held_out_accuracy_gold=metrics["accuracy_gold"], held_out_loss=metrics["loss"])
+
+    history: list[dict] = []
+    start_record = {"step": 0, "epoch": 0.0}
+    evaluate(start_record)  # before training: chance level, for the learning curve
+    history.append(start_record)
+    bar = tqdm(total=total_steps, desc="training reward model", disable=not progress)
+    step = 0
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(train_records), generator=generator).tolist()
+        for start in range(0, len(order), config.batch_size):
+            reward_model.train()
+            pairs = [train_records[i] for i in order[start:start + config.batch_size]]
+            batch = _pair_batch(tokenizer, pairs, max_length).to(device)
+            lr = cosine_with_warmup(step, total_steps, warmup_steps, config.learning_rate)
+            set_learning_rate(optimizer, lr)
+            scores = score_batch(reward_model, batch.input_ids, batch.attention_mask, normalize=False)  # (2n,)
+            chosen_scores, rejected_scores = scores[:len(pairs)], scores[len(pairs):]  # (n,), (n,)
+            loss = bradley_terry_loss(chosen_scores, rejected_scores)
+            check_finite(loss, "reward-model loss", step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(reward_model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            step += 1
+            record = {"step": step, "epoch": epoch + (start + len(pairs)) / len(order), "lr": lr,
+                      "train_loss": loss.item(),
+                      "train_accuracy": (chosen_scores > rejected_scores).float().mean().item()}
+            if (config.eval_every and step % config.eval_every == 0) or step == total_steps:
+                evaluate(record)
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}",
+                            held_out=f"{history_last(history, 'held_out_accuracy_labels'):.3f}")
+    bar.close()
+    reward_model.eval()
+    return reward_model, history
+
+
+def history_last(history: Sequence[dict], key: str) -> float:
+    """The latest value of ``key`` in a training history (NaN if never logged)."""
+    for record in reversed(history):
+        if key in record:
+            return record[key]
+    return float("nan")
+
+
+def fit_normalization(reward_model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                      ended: Sequence[bool] | None = None, batch_size: int = 128) -> dict:
+    """Set the stored gain and bias so that the scores of these responses (samples of the SFT
+    policy) have mean 0 and standard deviation 1. Returns the raw ``mean`` and ``std``."""
+    raw = score_texts(reward_model, tokenizer, prompts, responses, batch_size, normalize=False, ended=ended)
+    mean, std = float(raw.mean()), float(raw.std())
+    if not std > 0:
+        raise ValueError(f"reward-model scores have no spread (std {std}): cannot normalise")
+    reward_model.config.reward_gain = 1.0 / std
+    reward_model.config.reward_bias = -mean / std
+    return {"mean": mean, "std": std}
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving, loading, and the cached stage
+
+
+def save_reward_model(model, folder: str | Path, tokenizer=None, metrics: dict | None = None) -> Path:
+    """Write ``config.json`` (with the normalisation) and ``model.safetensors`` (and the tokenizer
+    and ``metrics.json`` when given), atomically: a half-written folder never replaces a good one."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    model.save_pretrained(partial, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    if metrics is not None:
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return folder
+
+
+def load_reward_model(folder: str | Path, device: torch.device | str | None = None) -> GPT2ForSequenceClassification:
+    """A reward model saved by ``save_reward_model`` (dropout off, eval mode)."""
+    try:
+        model = GPT2ForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
+    except OSError as error:
+        raise pretrained_error(str(folder), "reward model", error) from error
+    disable_dropout(model)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def reward_model_path(profile: Profile) -> Path:
+    return cache_dir() / profile.name / "reward_model"
+
+
+def normalization_samples(policy, tokenizer, profile: Profile, config: RewardModelConfig,
+                          max_new_tokens: int | None = None) -> tuple[list[str], list[str], list[bool]]:
+    """Fresh samples of the SFT policy (prompts, responses, ended) for ``fit_normalization``: the
+    last train prompts, a sampling seed unlike the preference data's."""
+    from .generation import sample_responses
+    from .prompts import load_prompts
+
+    prompts = load_prompts(profile, "train")[-config.n_normalization_prompts:]
+    responses, ended = sample_responses(policy, tokenizer, prompts, max_new_tokens or profile.max_new_tokens,
+                                        temperature=1.0, batch_size=profile.generation_batch_size,
+                                        seed=config.seed + 1000)
+    return prompts, responses, ended
+
+
+def _data_fingerprint(profile: Profile) -> str | None:
+    """The SFT model and preference file the reward model is built from (None: not built yet)."""
+    from .preferences import preferences_path, sft_fingerprint
+
+    settings = preferences_path(profile).with_suffix(".config.json")
+    if sft_fingerprint(profile) is None or not settings.exists():
+        return None
+    return settings.read_text()
+
+
+def finish_reward_model(reward_model, tokenizer, policy, profile: Profile, config: RewardModelConfig,
+                        train_records: Sequence[dict], held_out_records: Sequence[dict],
+                        history: list[dict], seconds: float) -> dict:
+    """After training: normalise on fresh SFT samples, measure, and save to the profile's cache.
+    Returns the metrics (also written to ``metrics.json`` next to the weights)."""
+    from .gold import gold_scores
+    from .preferences import PreferenceConfig, gold_agreement, labeler_accuracy_cap
+
+    prompts, responses, ended = normalization_samples(policy, tokenizer, profile, config)
+    raw = fit_normalization(reward_model, tokenizer, prompts, responses, ended, config.score_batch_size)
+    rewards = score_texts(reward_model, tokenizer, prompts, responses, config.score_batch_size, ended=ended)
+    golds = gold_scores(prompts, responses, ended)  # for the learner's measurement only
+    held_out = pairwise_accuracy(reward_model, tokenizer, held_out_records, config.score_batch_size)
+    labeler_temperature = PreferenceConfig.for_profile(profile).labeler_temperature
+    metrics = {
+        "profile": profile.name,
+        "train_pairs": len(train_records),
+        "held_out_pairs": len(held_out_records),
+        "held_out_accuracy_labels": held_out["accuracy_labels"],
+        "held_out_accuracy_gold": held_out["accuracy_gold"],
+        "held_out_loss": held_out["loss"],
+        "labeler_accuracy_cap": labeler_accuracy_cap(held_out_records, labeler_temperature),
+        "labels_agree_with_gold": gold_agreement(held_out_records),
+        "reward_gold_correlation": float(np.corrcoef(rewards, golds)[0, 1]),
+        "raw_score_mean": raw["mean"],
+        "raw_score_std": raw["std"],
+        "training_seconds": round(seconds, 1),
+        "config": asdict(config),
+        "data": _data_fingerprint(profile),  # which SFT model and preference pairs it was trained on
+        "history": history,
+    }
+    save_reward_model(reward_model, reward_model_path(profile), tokenizer, metrics)
+    return metrics
+
+
+def load_or_train_reward_model(profile: Profile | None = None, device=None, progress: bool = True,
+                               config: RewardModelConfig | None = None):
+    """The profile's reward model from ``cache_dir()/<profile>/reward_model``, or trained (with its
+    SFT model and preference pairs built first when missing). Returns
+    ``(reward_model, tokenizer, metrics)``; the model is normalised (SFT samples score 0 +- 1)."""
+    from .preferences import load_or_build_preferences, split_preferences
+    from .tokenizer import load_tokenizer
+
+    profile = profile or get_profile()
+    device = device or select_device()
+    config = config or RewardModelConfig.for_profile(profile)
+    folder = reward_model_path(profile)
+    metrics_file = folder / "metrics.json"
+    if (folder / "model.safetensors").exists() and metrics_file.exists():
+        metrics = json.loads(metrics_file.read_text())
+        if metrics.get("config") == asdict(config) and metrics.get("data") == _data_fingerprint(profile):
+            return load_reward_model(folder, device), load_tokenizer(profile.tokenizer), metrics
+
+    from .sft import load_or_train_sft
+
+    policy, _reference, tokenizer = load_or_train_sft(profile, device=device, progress=progress)
+    records = load_or_build_preferences(profile, device=device, progress=progress)
+    train_records, held_out_records = split_preferences(records, config.held_out_fraction, config.seed)
+    seed_everything(config.seed)
+    reward_model = reward_model_from_policy(policy)
+    started = time.perf_counter()
+    reward_model, history = train_reward_model(reward_model, tokenizer, train_records, held_out_records,
+                                               config, progress)
+    metrics = finish_reward_model(reward_model, tokenizer, policy, profile, config, train_records,
+                                  held_out_records, history, time.perf_counter() - started)
+    return reward_model, tokenizer, metrics
