@@ -47,7 +47,7 @@ from .training import check_finite, restore_rng_states, rng_states
 
 @dataclass
 class PPOConfig:
-    iterations: int = 40  # rollout + update rounds
+    iterations: int = 30  # rollout + update rounds
     prompts_per_iteration: int = 64  # responses sampled per rollout (the PPO batch)
     minibatch_size: int = 16  # responses per gradient step
     ppo_epochs: int = 4  # passes over each rollout (sample reuse, kept safe by clipping)
@@ -73,6 +73,22 @@ class PPOConfig:
     checkpoint_every: int = 10  # iterations between resumable checkpoints (0: never)
     seed: int = 0  # prompt order, sampling and minibatch shuffles
 
+    @classmethod
+    def for_profile(cls, profile, **overrides) -> "PPOConfig":
+        """The defaults above are tuned for the tiny profile (2 x 128); gpt2 (124M) needs the small
+        learning rates of the literature (Ziegler et al. 2019; the TRL sentiment example)."""
+        config = cls(max_new_tokens=profile.max_new_tokens)
+        if profile.name == "gpt2":
+            config.iterations = 100
+            config.policy_learning_rate = 1.41e-5
+            config.value_learning_rate = 3e-5
+            config.kl_coef = 0.1
+        for name, value in overrides.items():
+            if not hasattr(config, name):
+                raise TypeError(f"PPOConfig has no field {name!r}")
+            setattr(config, name, value)
+        return config
+
 
 class ValueModel(nn.Module):
     """A transformer trunk and a scalar head giving one value per token.
@@ -94,9 +110,22 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_reward_model(cls, reward_model) -> "ValueModel":
-        """InstructGPT's choice: start from the reward model, which already reads responses."""
+        """InstructGPT's choice: start from the reward model, which already reads responses.
+
+        The reward model's normalisation (gain, bias: SFT samples score 0 +- 1) is folded into the
+        new head, so the first values are on the scale of the rewards they must predict."""
+        from .reward_model import normalization
+
         copied = copy.deepcopy(reward_model)
-        return cls(copied.transformer, copied.score)
+        gain, bias = normalization(reward_model)
+        head = nn.Linear(copied.score.in_features, 1)
+        with torch.no_grad():
+            head.weight.copy_(gain * copied.score.weight)
+            head.bias.fill_(bias)
+            if copied.score.bias is not None:
+                head.bias.add_(gain * copied.score.bias)
+        head.to(copied.score.weight.device)
+        return cls(copied.transformer, head)
 
     @classmethod
     def on_policy_trunk(cls, policy) -> "ValueModel":
@@ -372,3 +401,84 @@ def score_rollout(batch: Generation, policy, reference, reward_model, value_mode
     if config.whiten_advantages:
         advantages = ppo.masked_whiten(advantages, response_mask)
     return Rollout(batch, logprobs, ref_logprobs, values, scores, kl, rewards, advantages, returns)
+
+
+def save_history(history: list[dict], folder: str | Path) -> tuple[Path, Path]:
+    """Write the per-iteration records as ``history.csv`` (spreadsheets, pandas) and
+    ``history.json`` (exact floats); returns both paths."""
+    import csv
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(key for record in history for key in record))
+    with open(folder / "history.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(history)
+    (folder / "history.json").write_text(json.dumps(history, indent=1))
+    return folder / "history.csv", folder / "history.json"
+
+
+# ----- the stage: four models built from the earlier chapters' caches ---------------------------
+def build_ppo_trainer(profile=None, config: PPOConfig | None = None, device=None,
+                      progress: bool = True) -> PPOTrainer:
+    """The four models of the profile: policy and reference from SFT (``rlhf_core.sft``), the
+    reward model (``rlhf_core.reward_model``) and a value model initialised from it; each is
+    built and cached by its own stage when missing. Prompts: the profile's training prompts."""
+    from .config import get_profile, select_device
+    from .prompts import load_prompts
+    from .reward_model import load_or_train_reward_model, score_batch
+    from .sft import load_or_train_sft
+
+    profile = profile or get_profile()
+    config = config or PPOConfig.for_profile(profile)
+    device = device or select_device()
+    policy, reference, tokenizer = load_or_train_sft(profile, device=device, progress=progress)
+    reward_model, _, _ = load_or_train_reward_model(profile, device=device, progress=progress)
+    value_model = (ValueModel.on_policy_trunk(policy) if config.shared_value_trunk
+                   else ValueModel.from_reward_model(reward_model)).to(device)
+    torch.manual_seed(config.seed)
+    return PPOTrainer(policy, reference, reward_model, value_model, tokenizer, load_prompts(profile, "train"),
+                      config, score_batch)
+
+
+def ppo_dir(profile, config: PPOConfig) -> Path:
+    """``cache_dir()/<profile>/ppo-beta<kl_coef>[-adaptive]-<hash of the whole config>``."""
+    import hashlib
+
+    from .config import cache_dir
+
+    digest = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
+    name = f"ppo-beta{config.kl_coef:g}{'-adaptive' if config.adaptive_kl else ''}-{digest}"
+    return cache_dir() / profile.name / name
+
+
+def load_or_train_ppo(profile=None, config: PPOConfig | None = None, device=None, progress: bool = True,
+                      callback: Callable[[dict], None] | None = None):
+    """``(policy, history, samples)`` of a finished PPO run with this config, from the cache or
+    trained now. Training checkpoints every ``config.checkpoint_every`` iterations into the run's
+    folder and resumes from there after an interruption; the final policy is saved with
+    ``save_pretrained`` next to ``ppo_summary.json`` (config, history, samples)."""
+    from .config import get_profile, select_device
+    from .models import load_causal_lm
+
+    profile = profile or get_profile()
+    config = config or PPOConfig.for_profile(profile)
+    device = device or select_device()
+    folder = ppo_dir(profile, config)
+    summary_path = folder / "ppo_summary.json"
+    if summary_path.exists() and (folder / "policy" / "model.safetensors").exists():
+        summary = json.loads(summary_path.read_text())
+        if summary["config"] == asdict(config):
+            return load_causal_lm(folder / "policy", device=device), summary["history"], summary["samples"]
+    trainer = build_ppo_trainer(profile, config, device, progress)
+    started = time.perf_counter()
+    trainer.train(checkpoint_dir=folder / "checkpoint", callback=callback, progress=progress)
+    trainer.policy.save_pretrained(folder / "policy", safe_serialization=True)
+    summary = {"config": asdict(config), "seconds_this_run": round(time.perf_counter() - started, 1),
+               "history": trainer.history, "samples": trainer.samples}
+    summary_path.write_text(json.dumps(summary, indent=1))
+    save_history(trainer.history, folder)
+    import shutil
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)  # finished: the final policy replaces it
+    return trainer.policy.eval(), trainer.history, trainer.samples

@@ -12,6 +12,7 @@ from rlhf_core.generation import Generation, generate
 from rlhf_core.logprobs import forward_logits, token_logprobs_from_logits
 from rlhf_core.models import load_causal_lm
 from rlhf_core.rlhf import (PPOConfig, PPOTrainer, ValueModel, compute_rewards, per_token_kl, score_rollout)
+from rlhf_core.reward_model import normalization, score_batch
 from rlhf_core.training import NonFiniteLossError
 
 
@@ -207,3 +208,62 @@ def test_shared_trunk_value_head(four_models, tokenizer):
     assert value_model.trunk is policy.transformer
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(value_model(ids, torch.ones_like(ids)), torch.zeros(1, 3))
+
+
+def test_value_model_starts_as_the_normalised_reward_model(four_models):
+    reward_model = copy.deepcopy(four_models[2])
+    reward_model.config.reward_gain, reward_model.config.reward_bias = 2.5, -0.75
+    value_model = ValueModel.from_reward_model(reward_model)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    assert normalization(reward_model) == (2.5, -0.75)
+    # the value before token t is the normalised reward model's reading of the prefix that ends at t - 1
+    for end in range(1, ids.shape[1]):
+        expected = score_batch(reward_model, ids[:, :end], mask[:, :end])  # (1,)
+        assert torch.allclose(value_model(ids, mask)[0, end], expected[0], atol=1e-5)
+
+
+def test_measure_policy_scores_the_sampled_tokens_three_ways(four_models, tokenizer):
+    from rlhf_core.evaluation import measure_policy
+    from rlhf_core.gold import gold_scores
+    from rlhf_core.reward_model import score_texts
+
+    policy, reference, reward_model, _ = four_models
+    prompts = world.sample_prompts(12, seed=8)
+    same = measure_policy(policy, policy, reward_model, tokenizer, prompts, max_new_tokens=12, seed=3, batch_size=5)
+    assert same.kl == 0.0 and len(same.responses) == 12
+    assert same.gold == pytest.approx(float(gold_scores(prompts, same.responses, same.ended).mean()))
+    texts = score_texts(reward_model, tokenizer, prompts, same.responses, ended=same.ended)
+    assert same.rewards == pytest.approx(texts, abs=1e-4)  # decoded text re-encodes to the sampled tokens
+    torch.manual_seed(3)
+    far = copy.deepcopy(reference)
+    for parameter in far.parameters():
+        parameter.data.add_(0.5 * torch.randn_like(parameter))
+    moved = measure_policy(policy, far, reward_model, tokenizer, prompts, max_new_tokens=12, seed=3, batch_size=5)
+    assert moved.responses == same.responses  # same seed, same policy: the same samples
+    assert moved.kl > 1.0  # a sequence-level KL to a distant reference is large and positive
+
+
+def test_load_or_train_ppo_trains_once_then_reads_the_cache(tiny_profile):
+    import shutil
+
+    from rlhf_core.rlhf import load_or_train_ppo, ppo_dir
+
+    config = PPOConfig.for_profile(tiny_profile, iterations=2, prompts_per_iteration=8, minibatch_size=4, ppo_epochs=1,
+                                   max_new_tokens=8, checkpoint_every=1, seed=123)
+    folder = ppo_dir(tiny_profile, config)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        policy, history, samples = load_or_train_ppo(tiny_profile, config, device="cpu", progress=False)
+        assert [record["iteration"] for record in history] == [1, 2]
+        for name in ("ppo_summary.json", "history.csv", "history.json", "policy/model.safetensors"):
+            assert (folder / name).exists(), name
+        assert not (folder / "checkpoint").exists()
+        cached, cached_history, _ = load_or_train_ppo(tiny_profile, config, device="cpu", progress=False)
+        assert cached_history == history
+        for name, tensor in policy.state_dict().items():
+            assert torch.equal(tensor, cached.state_dict()[name]), name
+        other = PPOConfig.for_profile(tiny_profile, **{**config.__dict__, "kl_coef": 0.2})
+        assert ppo_dir(tiny_profile, other) != folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
