@@ -206,8 +206,8 @@ def ppo_update(policy, value_model, optimizer, data: Rollout, config: PPOConfig,
             values = value_model(mini.input_ids, mini.attention_mask)
             value_loss, value_stats = ppo.value_loss(values, data.values[rows], data.returns[rows], mini_mask,
                                                      config.clip_range_value)
-            check_finite(policy_loss, "policy loss", iteration)
-            check_finite(value_loss, "value loss", iteration)
+            check_finite(policy_loss, "policy loss", iteration, "iteration")
+            check_finite(value_loss, "value loss", iteration, "iteration")
             loss = policy_loss + config.value_loss_coef * value_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -265,7 +265,9 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(parameters, eps=1e-5, weight_decay=0.0)
         self.kl_controller = (ppo.AdaptiveKLController(self.config.kl_coef, self.config.kl_target, self.config.kl_horizon)
                               if self.config.adaptive_kl else ppo.FixedKLController(self.config.kl_coef))
-        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)  # prompt order, minibatch shuffles (CPU)
+        device = next(self.policy.parameters()).device  # token sampling draws on the policy's device
+        self.sampling_generator = torch.Generator(device=device).manual_seed(self.config.seed + 1)
 
     def _prompt_batch(self) -> list[str]:
         rows = torch.randint(len(self.prompts), (self.config.prompts_per_iteration,), generator=self.generator)
@@ -277,15 +279,17 @@ class PPOTrainer:
         self.policy.eval()
         started = time.perf_counter()
         prompts = self._prompt_batch()
-        batch = generate(self.policy, self.tokenizer, prompts, config.max_new_tokens, config.temperature, self.generator)
+        batch = generate(self.policy, self.tokenizer, prompts, config.max_new_tokens, config.temperature,
+                         self.sampling_generator)
         generated = time.perf_counter()
         data = score_rollout(batch, self.policy, self.reference, self.reward_model, self.value_model,
-                             self.score_fn, config, self.kl_controller.value, self.iteration)
+                             self.score_fn, config, self.kl_controller.value, self.iteration + 1)
         scored = time.perf_counter()
         mask = batch.response_mask.float()
         explained = ppo.explained_variance(data.values, data.returns, mask)
         self.policy.train()  # dropout is off: train() only matters to modules that check it
-        update = ppo_update(self.policy, self.value_model, self.optimizer, data, config, self.generator, self.iteration)
+        update = ppo_update(self.policy, self.value_model, self.optimizer, data, config, self.generator,
+                            self.iteration + 1)
         self.policy.eval()
         trained = time.perf_counter()
         kl_per_response = (per_token_kl(data.logprobs, data.ref_logprobs, "k1") * mask).sum(-1)  # (B,)
@@ -304,7 +308,7 @@ class PPOTrainer:
             "seconds_score": scored - generated,
             "seconds_train": trained - scored,
         }
-        check_finite(record["kl"], "KL to the reference", self.iteration)
+        check_finite(record["kl"], "KL to the reference", self.iteration + 1, "iteration")
         self.kl_controller.update(record["kl"], config.prompts_per_iteration)
         self.history.append(record)
         if config.sample_every and self.iteration % config.sample_every == 0:
@@ -359,7 +363,8 @@ class PPOTrainer:
         save_model(self.value_model, str(partial / "value_model.safetensors"))
         torch.save({"iteration": self.iteration, "optimizer": self.optimizer.state_dict(),
                     "kl_controller": json.dumps(self.kl_controller.state_dict()),
-                    "rng": rng_states(self.generator), "history": json.dumps(self.history),
+                    "rng": rng_states(self.generator), "sampling_rng": self.sampling_generator.get_state(),
+                    "history": json.dumps(self.history),
                     "samples": json.dumps(self.samples), "config": json.dumps(asdict(self.config))},
                    partial / "training_state.pt")
         if folder.exists():
@@ -378,6 +383,7 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_controller.load_state_dict(json.loads(state["kl_controller"]))
         restore_rng_states(state["rng"], self.generator)
+        self.sampling_generator.set_state(state["sampling_rng"])
         self.iteration = state["iteration"]
         self.history = json.loads(state["history"])
         self.samples = json.loads(state["samples"])
@@ -393,7 +399,7 @@ def score_rollout(batch: Generation, policy, reference, reward_model, value_mode
     _, ref_logprobs = _logits_and_logprobs(reference, batch, config.temperature)  # (B, T)
     values = value_model(batch.input_ids, batch.attention_mask) * response_mask  # (B, T)
     scores = score_fn(reward_model, batch.input_ids, batch.attention_mask).float()  # (B,)
-    check_finite(scores.sum(), "reward-model score", iteration)
+    check_finite(scores.sum(), "reward-model score", iteration, "iteration")
     scores = scores - config.missing_eos_penalty * (~batch.ended).float()
     kl = per_token_kl(logprobs, ref_logprobs, config.kl_estimator) * response_mask  # (B, T)
     rewards = compute_rewards(scores, kl, kl_coef, batch.attention_mask, response_mask)  # (B, T)

@@ -28,12 +28,13 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite: training stops rather than silently destroying the model."""
 
 
-def check_finite(value: torch.Tensor | float, name: str, step: int) -> None:
-    """Stop the run with the step and the quantity named when ``value`` is NaN or inf."""
+def check_finite(value: torch.Tensor | float, name: str, step: int, unit: str = "step") -> None:
+    """Stop the run with the step (or PPO ``unit="iteration"``) and the quantity named when
+    ``value`` is NaN or inf."""
     number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not math.isfinite(number):
         raise NonFiniteLossError(
-            f"{name} is {number} at step {step}: training stopped. Usual causes: a learning rate "
+            f"{name} is {number} at {unit} {step}: training stopped. Usual causes: a learning rate "
             f"too high, a reward or advantage that exploded, log-probs of an impossible token.")
 
 

@@ -1,10 +1,7 @@
 """The shipped tiny base model: loads offline, writes reviews, ends them with EOS."""
 
-import json
-
 import pytest
 
-from rlhf_core.__main__ import main
 from rlhf_core.evaluation import evaluate_policy
 from rlhf_core.gold import words
 from rlhf_core.models import count_parameters, load_causal_lm
@@ -47,13 +44,3 @@ def test_prompt_splits_are_disjoint_enough(tiny_profile):
     train, held_out = load_prompts(tiny_profile, "train"), load_prompts(tiny_profile, "eval")
     assert len(train) == 4096 and len(held_out) == 256
     assert len(set(held_out) - set(train)) / len(held_out) > 0.8
-
-
-def test_run_command_prints_world_base_and_gold(tmp_path, capsys):
-    assert main(["run", "--profile", "tiny", "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    for row in ("train prompts", "parameters", "base gold mean", "base ends with EOS"):
-        assert row in printed
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["profile"] == "tiny" and metrics["base"]["eos_fraction"] >= 0.9
-    assert set(metrics["seconds"]) == {"world", "base", "gold"}

@@ -193,7 +193,7 @@ def test_interrupted_training_resumes_to_the_same_result(four_models, tokenizer,
 def test_nan_anywhere_stops_the_run_naming_it(four_models, tokenizer):
     trainer = _trainer(four_models, tokenizer)
     trainer.score_fn = lambda rm, ids, mask: torch.full((ids.shape[0],), float("nan"))
-    with pytest.raises(NonFiniteLossError, match="reward-model score is nan at step 0"):
+    with pytest.raises(NonFiniteLossError, match="reward-model score is nan at iteration 1"):
         trainer.step()
     trainer = _trainer(four_models, tokenizer)
     with torch.no_grad():

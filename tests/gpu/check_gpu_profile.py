@@ -6,7 +6,10 @@
    (12 layers x 768, vocab 50257) saved to a local folder and loaded through ``from_pretrained``;
 2. padding invariance of response log-probs on the GPU (float32), left vs right vs alone;
 3. generation speed of that model (the PPO rollout's first cost);
-4. optionally, pretraining the tiny base model on the GPU (same script as on CPU).
+4. the four-model PPO loop on that model (policy, reference, reward model, value model, all
+   gpt2-shaped), with the gpt2 profile's PPO config: seconds per phase and peak memory;
+5. a DPO step and ``measure_policy`` on the GPU;
+6. optionally, pretraining the tiny base model on the GPU (same script as on CPU).
 """
 
 import argparse
@@ -26,6 +29,49 @@ from rlhf_core.generation import generate
 from rlhf_core.logprobs import response_logprobs
 from rlhf_core.models import count_parameters, load_causal_lm
 from rlhf_core.tokenizer import load_tokenizer
+
+
+def check_rlhf_loop(model, tokenizer, device) -> dict:
+    """Two PPO iterations, one DPO step and a measurement with gpt2-shaped models on CUDA."""
+    import copy
+
+    from rlhf_core.dpo import dpo_loss, pair_logps
+    from rlhf_core.evaluation import measure_policy
+    from rlhf_core.reward_model import reward_model_from_policy, score_batch
+    from rlhf_core.rlhf import PPOConfig, PPOTrainer, ValueModel
+
+    out = {}
+    torch.cuda.reset_peak_memory_stats()
+    policy = model
+    reference = copy.deepcopy(model).requires_grad_(False)
+    reward_model = reward_model_from_policy(model).to(device)
+    reward_model.config.reward_gain, reward_model.config.reward_bias = 0.5, -0.1
+    value_model = ValueModel.from_reward_model(reward_model)
+    assert next(value_model.parameters()).device.type == "cuda"
+    config = PPOConfig.for_profile(get_profile("gpt2"), iterations=2, prompts_per_iteration=64, minibatch_size=16,
+                                   max_new_tokens=48)
+    trainer = PPOTrainer(policy, reference, reward_model, value_model, tokenizer, world.sample_prompts(256, seed=2),
+                         config, score_batch)
+    for _ in range(config.iterations):
+        record = trainer.step()
+    for key in ("seconds_generate", "seconds_score", "seconds_train", "kl", "clipfrac", "approx_kl", "length"):
+        out[f"ppo_gpt2_shape_{key}"] = round(record[key], 4)
+    out["ppo_gpt2_shape_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    with tempfile.TemporaryDirectory() as folder:  # checkpoint and resume on CUDA
+        trainer.save(folder)
+        trainer.load(folder)
+
+    records = [{"prompt": r.prompt, "chosen": r.response, "rejected": r.response[: len(r.response) // 2]}
+               for r in world.sample_reviews(16, seed=3)]
+    chosen, rejected = pair_logps(policy, tokenizer, records)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = pair_logps(reference, tokenizer, records)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
+    losses.mean().backward()
+    out["dpo_gpt2_shape_loss"] = round(float(losses.mean()), 4)
+    measured = measure_policy(policy, reference, reward_model, tokenizer, world.sample_prompts(64, seed=4), 32)
+    out["measure_gpt2_shape"] = measured.summary()
+    return out
 
 
 def main() -> int:
@@ -74,6 +120,7 @@ def main() -> int:
         report[f"gpt2_shape_generate_{batch_size}x48_seconds"] = round(seconds, 3)
         report[f"gpt2_shape_generate_{batch_size}_tokens_per_second"] = round(int(result.response_mask.sum()) / seconds)
     report["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    report.update(check_rlhf_loop(model, tokenizer, device))
     del model
 
     if args.pretrain_tiny:
