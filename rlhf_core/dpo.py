@@ -44,7 +44,9 @@ derivation is about); the target 1/(2 beta) is then a margin in nats per *respon
 **Conventions.** Sequence log-probs are sums over the response tokens (EOS included when the
 response ended) from ``rlhf_core.logprobs``. A pair is scored with chosen and rejected stacked in
 one batch, one forward pass (see ``pair_logps``). The reference is frozen and its log-probs are
-computed once before training (``precompute_reference_logps``). Logged "rewards" are the implicit
+computed once before training (``precompute_reference_logps``), for the training pairs the run
+will actually visit (``used_rows``); ``load_or_train_dpo`` keeps them on disk, so runs with other
+betas reuse them. Logged "rewards" are the implicit
 rewards beta * (log pi - log pi_ref) of the chosen and rejected responses (beta log Z left out:
 it cancels in every comparison); "accuracy" is the share of pairs whose chosen response has the
 larger implicit reward (a tie, e.g. at step 0 where pi = pi_ref, counts as wrong).
@@ -52,6 +54,7 @@ larger implicit reward (a tie, e.g. at step 0 where pi = pi_ref, counts as wrong
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -121,6 +124,7 @@ class DPOConfig:
     eval_batch_size: int = 64  # pairs per forward pass when evaluating or precomputing pi_ref
     checkpoint_every: int = 50  # steps between resumable checkpoints (0: never)
     held_out_fraction: float = 0.1  # share of prompts whose pairs are kept out (load_or_train_dpo)
+    max_held_out_pairs: int | None = None  # evaluate on at most this many of them (load_or_train_dpo; None: all)
     seed: int = 0  # batch order (a pure function of the seed and the step, so resuming needs no RNG)
 
     @classmethod
@@ -187,7 +191,8 @@ def pair_logps(model, tokenizer, records: Sequence[dict], max_response_tokens: i
 
 @torch.no_grad()
 def precompute_reference_logps(reference, tokenizer, records: Sequence[dict], batch_size: int = 64,
-                               max_response_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                               max_response_tokens: int | None = None,
+                               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_ref of every chosen and rejected response, (N,) each, on the CPU.
 
     pi_ref never changes, so its log-probs are computed once before training: each training step
@@ -196,7 +201,7 @@ def precompute_reference_logps(reference, tokenizer, records: Sequence[dict], ba
     was_training = reference.training
     reference.eval()
     chosen, rejected = [], []
-    for start in range(0, len(records), batch_size):
+    for start in tqdm(range(0, len(records), batch_size), desc="pi_ref log-probs", disable=not progress):
         chosen_logps, rejected_logps = pair_logps(reference, tokenizer, records[start:start + batch_size],
                                                   max_response_tokens)
         chosen.append(chosen_logps.float().cpu())
@@ -249,13 +254,42 @@ def batch_rows(step: int, n_train: int, config: DPOConfig) -> list[int]:
     return order[position * config.batch_size:(position + 1) * config.batch_size].tolist()
 
 
+def used_rows(n_train: int, config: DPOConfig) -> list[int]:
+    """The training rows a run of ``config.total_steps(n_train)`` steps visits, sorted. A short run
+    (fewer steps than an epoch) needs the reference log-probs of these pairs only."""
+    rows: set[int] = set()
+    for step in range(config.total_steps(n_train)):
+        rows.update(batch_rows(step, n_train, config))
+        if len(rows) == n_train:
+            break
+    return sorted(rows)
+
+
+def reference_logps_for_rows(reference, tokenizer, records: Sequence[dict], rows: Sequence[int],
+                             batch_size: int = 64, max_response_tokens: int | None = None,
+                             progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``precompute_reference_logps`` of ``records[rows]`` only, scattered into (N,) tensors that
+    hold NaN elsewhere: a row that was not precomputed can never be used silently (a NaN loss
+    stops training)."""
+    chosen = torch.full((len(records),), float("nan"))
+    rejected = torch.full((len(records),), float("nan"))
+    rows = list(rows)
+    if rows:
+        chosen_rows, rejected_rows = precompute_reference_logps(reference, tokenizer, [records[i] for i in rows],
+                                                                batch_size, max_response_tokens, progress)
+        chosen[rows], rejected[rows] = chosen_rows, rejected_rows
+    return chosen, rejected
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
 def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], held_out_records: Sequence[dict],
               config: DPOConfig, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
-              stop_after_steps: int | None = None):
+              stop_after_steps: int | None = None,
+              reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
+              held_out_reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Train ``policy`` with the DPO (or IPO) loss against the frozen ``reference``.
 
     Returns ``(policy, history)``. ``history`` has one dict per step (``step``, ``loss``,
@@ -270,6 +304,11 @@ def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], held_
     ``dpo_summary.json`` (config and history) in ``out_dir``. ``stop_after_steps`` ends this call
     early after saving a checkpoint (a simulated disconnect); a later call finishes the run with
     the same weights, bit for bit, as an uninterrupted one.
+
+    ``reference_logps`` / ``held_out_reference_logps``: log pi_ref of the chosen and rejected
+    responses, (N,) each and aligned with the records, when the caller has them already (several
+    runs on the same pairs with different betas). Missing, they are computed here: for the training
+    rows the run visits (``used_rows``) and every held-out pair.
     """
     if config.loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {config.loss_type!r}: use one of {LOSS_TYPES}")
@@ -286,10 +325,17 @@ def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], held_
     disable_dropout(reference)
     reference.eval().requires_grad_(False)
 
-    ref_chosen, ref_rejected = precompute_reference_logps(reference, tokenizer, train_records,
-                                                          config.eval_batch_size, config.max_response_tokens)
-    held_ref_chosen, held_ref_rejected = precompute_reference_logps(reference, tokenizer, held_out_records,
-                                                                    config.eval_batch_size, config.max_response_tokens)
+    if reference_logps is None:
+        reference_logps = reference_logps_for_rows(reference, tokenizer, train_records,
+                                                   used_rows(len(train_records), config),
+                                                   config.eval_batch_size, config.max_response_tokens)
+    if held_out_reference_logps is None:
+        held_out_reference_logps = precompute_reference_logps(reference, tokenizer, held_out_records,
+                                                              config.eval_batch_size, config.max_response_tokens)
+    ref_chosen, ref_rejected = (t.float().cpu() for t in reference_logps)
+    held_ref_chosen, held_ref_rejected = (t.float().cpu() for t in held_out_reference_logps)
+    if len(ref_chosen) != len(train_records) or len(held_ref_chosen) != len(held_out_records):
+        raise ValueError("reference log-probs must be aligned with the records, one per pair")
 
     def held_out_record() -> dict[str, float]:
         if not held_out_records:
@@ -361,47 +407,119 @@ def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], held_
     return policy, history
 
 
-def dpo_dir(profile: Profile, beta: float) -> Path:
-    """Where ``load_or_train_dpo`` caches the policy trained with this beta."""
-    return cache_dir() / profile.name / f"dpo-beta{beta:g}"
+def dpo_dir(profile: Profile, beta: float, config: DPOConfig | None = None) -> Path:
+    """Where ``load_or_train_dpo`` caches the policy trained with this beta: ``dpo-beta<beta>`` for
+    the profile's default config, ``dpo-beta<beta>-<hash of the config>`` for any other (a short
+    run of a notebook and the default run of the pipeline do not overwrite each other)."""
+    name = f"dpo-beta{beta:g}"
+    if config is not None:
+        config = replace(config, beta=beta)
+        if asdict(config) != asdict(DPOConfig.for_profile(profile, beta=beta)):
+            digest = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
+            name = f"{name}-{digest}"
+    return cache_dir() / profile.name / name
+
+
+def record_key(record: dict) -> str:
+    """What identifies a preference pair for its reference log-probs: prompt, both texts, EOS flags."""
+    fields = [record["prompt"], record["chosen"], record["rejected"], _ended(record, "chosen"),
+              _ended(record, "rejected")]
+    return hashlib.sha1(json.dumps(fields).encode()).hexdigest()
+
+
+def cached_reference_logps(path: str | Path, fingerprint: str, reference, tokenizer, records: Sequence[dict],
+                           rows: Sequence[int] | None = None, batch_size: int = 64,
+                           max_response_tokens: int | None = None,
+                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_logps_for_rows`` with a file of log-probs computed before: pairs already in
+    ``path`` (under the same ``fingerprint``: the reference model and ``max_response_tokens``)
+    are read back, only the others go through the reference, and the file is updated. Runs with
+    other betas on the same pairs then pay for pi_ref once."""
+    path = Path(path)
+    rows = list(range(len(records))) if rows is None else list(rows)
+    store: dict[str, tuple[float, float]] = {}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            store = {key: tuple(value) for key, value in saved["logps"].items()}
+    keys = [record_key(record) for record in records]
+    missing = [row for row in rows if keys[row] not in store]
+    chosen, rejected = reference_logps_for_rows(reference, tokenizer, records, missing, batch_size,
+                                                max_response_tokens, progress)
+    for row in missing:
+        store[keys[row]] = (float(chosen[row]), float(rejected[row]))
+    for row in rows:
+        chosen[row], rejected[row] = store[keys[row]]
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps({"fingerprint": fingerprint, "logps": store}))
+        partial.replace(path)
+    return chosen, rejected
 
 
 def load_or_train_dpo(profile: Profile | None = None, beta: float | None = None, device=None,
                       progress: bool = True, config: DPOConfig | None = None):
-    """The DPO policy of the profile, from ``cache_dir()/<profile>/dpo-beta<beta>`` or, when missing
-    (or trained with another config), trained now: from the SFT policy (``rlhf_core.sft``) on the
-    profile's simulated preference pairs (``rlhf_core.preferences``), split by prompt.
+    """The DPO policy of the profile, from ``dpo_dir(profile, beta, config)`` or, when missing
+    (or trained with another config, SFT model or preference data), trained now: from the SFT
+    policy (``rlhf_core.sft``) on the profile's simulated preference pairs
+    (``rlhf_core.preferences``), split by prompt.
 
     Returns ``(policy, history)``. ``beta`` overrides the config's (one cached policy per beta,
-    for the gold-versus-KL frontier of chapter 07). An interrupted training resumes.
+    for the gold-versus-KL frontier of chapter 07). An interrupted training resumes. The reference
+    log-probs are kept in ``cache_dir()/<profile>/dpo-reference-logps.json`` and shared by every beta.
     """
     profile = profile or get_profile()
     config = replace(config or DPOConfig.for_profile(profile))  # a copy: the caller's stays as it was
     if beta is not None:
         config.beta = beta
     device = device or select_device()
-    out_dir = dpo_dir(profile, config.beta)
+    out_dir = dpo_dir(profile, config.beta, config)
+
+    # local imports: those stages are needed only to train, and are built by other chapters
+    from .preferences import load_or_build_preferences, sft_fingerprint, split_preferences
+    from .sft import load_or_train_sft
+
+    def data_fingerprint(records: Sequence[dict]) -> str:
+        digest = hashlib.sha1("".join(record_key(r) for r in records).encode()).hexdigest()
+        return json.dumps({"sft": sft_fingerprint(profile), "preferences": digest}, sort_keys=True)
+
     summary_path = out_dir / "dpo_summary.json"
     if (out_dir / "model.safetensors").exists() and summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if summary["config"] == asdict(config):
+        if summary["config"] == asdict(config) and summary.get("data") == data_fingerprint(
+                load_or_build_preferences(profile, device=device, progress=progress)):
             return load_causal_lm(out_dir, device=device), summary["history"]
-
-    # local imports: those stages are needed only to train, and are built by other chapters
-    from .preferences import load_or_build_preferences, split_preferences
-    from .sft import load_or_train_sft
 
     policy, reference, tokenizer = load_or_train_sft(profile, device=device, progress=progress)
     records = load_or_build_preferences(profile, device=device, progress=progress)
+    data = data_fingerprint(records)
     train_records, held_out_records = split_preferences(records, config.held_out_fraction, config.seed)
+    held_out_records = held_out_records[:config.max_held_out_pairs]
+
+    reference_file = cache_dir() / profile.name / "dpo-reference-logps.json"
+    reference_fingerprint = json.dumps({"sft": sft_fingerprint(profile),
+                                        "max_response_tokens": config.max_response_tokens}, sort_keys=True)
+    reference_logps = cached_reference_logps(reference_file, reference_fingerprint, reference, tokenizer,
+                                             train_records, used_rows(len(train_records), config),
+                                             config.eval_batch_size, config.max_response_tokens, progress)
+    held_out_reference_logps = cached_reference_logps(reference_file, reference_fingerprint, reference, tokenizer,
+                                                      held_out_records, None, config.eval_batch_size,
+                                                      config.max_response_tokens, progress)
+
     checkpoint = out_dir / "checkpoint" / "training_state.pt"
+    wanted = {"config": asdict(config), "data": data}
     if checkpoint.exists():
         saved = json.loads((out_dir / "checkpoint_config.json").read_text()) \
             if (out_dir / "checkpoint_config.json").exists() else None
-        if saved != asdict(config):  # a checkpoint of another config must not be resumed
+        if saved != wanted:  # a checkpoint of another config or other data must not be resumed
             shutil.rmtree(checkpoint.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "checkpoint_config.json").write_text(json.dumps(asdict(config), indent=1))
+    (out_dir / "checkpoint_config.json").write_text(json.dumps(wanted, indent=1))
     policy, history = train_dpo(policy, reference, tokenizer, train_records, held_out_records, config,
-                                out_dir=out_dir, resume=True, progress=progress)
+                                out_dir=out_dir, resume=True, progress=progress, reference_logps=reference_logps,
+                                held_out_reference_logps=held_out_reference_logps)
+    summary = json.loads(summary_path.read_text())
+    summary["data"] = data
+    summary_path.write_text(json.dumps(summary, indent=1))
     return policy.eval(), history

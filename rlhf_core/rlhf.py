@@ -383,7 +383,8 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_controller.load_state_dict(json.loads(state["kl_controller"]))
         restore_rng_states(state["rng"], self.generator)
-        self.sampling_generator.set_state(state["sampling_rng"])
+        if "sampling_rng" in state:  # checkpoints of older course versions sampled from ``generator``
+            self.sampling_generator.set_state(state["sampling_rng"])
         self.iteration = state["iteration"]
         self.history = json.loads(state["history"])
         self.samples = json.loads(state["samples"])

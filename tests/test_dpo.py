@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rlhf_core.batching import encode_pairs
-from rlhf_core.dpo import (DPOConfig, batch_rows, dpo_loss, encode_preference_batch, pair_logps,
-                           precompute_reference_logps, train_dpo)
+from rlhf_core.dpo import (DPOConfig, batch_rows, cached_reference_logps, dpo_dir, dpo_loss, encode_preference_batch,
+                           pair_logps, precompute_reference_logps, reference_logps_for_rows, train_dpo, used_rows)
 from rlhf_core.logprobs import sequence_logprobs
 from rlhf_core.models import load_causal_lm
 from rlhf_core.training import NonFiniteLossError
@@ -205,3 +205,72 @@ def test_nan_guard_and_shared_weights_are_refused(base_model, tokenizer):
     policy = copy.deepcopy(base_model)
     with pytest.raises(ValueError, match="share weights"):
         train_dpo(policy, policy, tokenizer, pairs, [], config, progress=False)
+
+
+def test_used_rows_are_the_rows_the_batches_visit():
+    config = DPOConfig(batch_size=4, steps=2, seed=1)  # 8 of 10 pairs: less than an epoch
+    assert used_rows(10, config) == sorted(batch_rows(0, 10, config) + batch_rows(1, 10, config))
+    assert len(used_rows(10, config)) == 8
+    assert used_rows(10, DPOConfig(batch_size=4, epochs=2)) == list(range(10))
+
+
+def test_a_short_run_needs_only_the_reference_log_probs_of_the_pairs_it_visits(base_model, tokenizer):
+    """The reference log-probs computed for the visited rows only (NaN elsewhere), or all of them
+    passed in by the caller: the same run, bit for bit."""
+    train, held_out = world_pairs(12, seed=13), world_pairs(4, seed=14)
+    config = DPOConfig(steps=2, batch_size=4, learning_rate=1e-3, warmup_steps=1, eval_every=0, checkpoint_every=0)
+    rows = used_rows(len(train), config)
+    assert len(rows) == 8
+    lazy_chosen, lazy_rejected = reference_logps_for_rows(base_model, tokenizer, train, rows)
+    assert torch.isnan(lazy_chosen).sum() == 4 and not torch.isnan(lazy_chosen[rows]).any()
+    full = precompute_reference_logps(base_model, tokenizer, train)
+    torch.testing.assert_close(lazy_chosen[rows], full[0][rows], atol=1e-4, rtol=1e-5)
+
+    lazy_policy, lazy_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
+                                          held_out, config, progress=False)
+    given_policy, given_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
+                                            held_out, config, progress=False, reference_logps=full,
+                                            held_out_reference_logps=precompute_reference_logps(base_model, tokenizer,
+                                                                                                held_out))
+    assert [h["loss"] for h in lazy_history[1:]] == pytest.approx([h["loss"] for h in given_history[1:]], abs=1e-5)
+    for (name, tensor), other in zip(lazy_policy.state_dict().items(), given_policy.state_dict().values()):
+        torch.testing.assert_close(tensor, other, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="aligned"):
+        train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train, held_out, config,
+                  progress=False, reference_logps=(full[0][:5], full[1][:5]))
+
+
+def test_reference_log_probs_file_computes_each_pair_once(tmp_path, tokenizer, random_tiny_model, monkeypatch):
+    import rlhf_core.dpo as dpo
+
+    pairs = world_pairs(6, seed=15)
+    path = tmp_path / "reference.json"
+    first = cached_reference_logps(path, "sft-1", random_tiny_model, tokenizer, pairs, rows=[0, 2, 3])
+    assert torch.isnan(first[0][[1, 4, 5]]).all() and path.exists()
+    computed = []
+    original = dpo.precompute_reference_logps
+
+    def counting(model, tok, records, *args):
+        computed.extend(records)
+        return original(model, tok, records, *args)
+
+    monkeypatch.setattr(dpo, "precompute_reference_logps", counting)
+    again = cached_reference_logps(path, "sft-1", random_tiny_model, tokenizer, pairs, rows=[0, 2, 3])
+    assert computed == []  # all read back from the file, to the bit
+    rows = [0, 2, 3]
+    assert torch.equal(again[0][rows], first[0][rows]) and torch.equal(again[1][rows], first[1][rows])
+    everything = cached_reference_logps(path, "sft-1", random_tiny_model, tokenizer, pairs)
+    assert computed == [pairs[1], pairs[4], pairs[5]]  # only the new ones
+    torch.testing.assert_close(everything, precompute_reference_logps(random_tiny_model, tokenizer, pairs))
+    computed.clear()
+    cached_reference_logps(path, "another SFT model", random_tiny_model, tokenizer, pairs)
+    assert len(computed) == 6  # another reference: nothing is reused
+
+
+def test_short_configs_get_their_own_cache_folder(tiny_profile):
+    default = DPOConfig.for_profile(tiny_profile)
+    assert dpo_dir(tiny_profile, 0.3).name == "dpo-beta0.3"
+    assert dpo_dir(tiny_profile, 0.3, default) == dpo_dir(tiny_profile, 0.3)  # the pipeline's run
+    short = DPOConfig.for_profile(tiny_profile, steps=10)
+    assert dpo_dir(tiny_profile, 0.3, short).name.startswith("dpo-beta0.3-")
+    assert dpo_dir(tiny_profile, 0.3, short) != dpo_dir(tiny_profile, 0.1, short)

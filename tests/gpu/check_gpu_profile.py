@@ -68,7 +68,7 @@ def check_rlhf_loop(model, tokenizer, device) -> dict:
         ref_chosen, ref_rejected = pair_logps(reference, tokenizer, records)
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
     losses.mean().backward()
-    out["dpo_gpt2_shape_loss"] = round(float(losses.mean()), 4)
+    out["dpo_gpt2_shape_loss"] = round(float(losses.mean().detach()), 4)
     measured = measure_policy(policy, reference, reward_model, tokenizer, world.sample_prompts(64, seed=4), 32)
     out["measure_gpt2_shape"] = measured.summary()
     return out
