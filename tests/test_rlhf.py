@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from rlhf_core import ppo, world
+from rlhf_core import world
 from rlhf_core.batching import last_token_index, pack
 from rlhf_core.generation import Generation, generate
 from rlhf_core.logprobs import forward_logits, token_logprobs_from_logits

@@ -17,7 +17,6 @@ import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
