@@ -38,11 +38,15 @@ def evaluate_policy(model, tokenizer, prompts: list[str], max_new_tokens: int, t
     """Sample one response per prompt and score it with the gold (the learner's view only)."""
     responses, ended = sample_responses(model, tokenizer, prompts, max_new_tokens, temperature,
                                         batch_size=batch_size, seed=seed, progress=progress)
+    return PolicyEvaluation(**_gold_fields(prompts, responses, ended))
+
+
+def _gold_fields(prompts: list[str], responses: list[str], ended: list[bool]) -> dict:
+    """The ``PolicyEvaluation`` fields of sampled responses: gold mean and spread, EOS share, length."""
     golds = gold_scores(prompts, responses, ended)
-    return PolicyEvaluation(
-        gold=float(golds.mean()), gold_std=float(golds.std()),
-        eos_fraction=float(np.mean(ended)), mean_words=float(np.mean([len(r.split()) for r in responses])),
-        prompts=list(prompts), responses=responses, ended=ended, golds=golds)
+    return dict(gold=float(golds.mean()), gold_std=float(golds.std()), eos_fraction=float(np.mean(ended)),
+                mean_words=float(np.mean([len(r.split()) for r in responses])),
+                prompts=list(prompts), responses=responses, ended=ended, golds=golds)
 
 
 @dataclass
@@ -90,11 +94,7 @@ def measure_policy(policy, reference, reward_model, tokenizer, prompts: list[str
             log_ratio = (response_logprobs(policy, batch.input_ids, batch.attention_mask, batch.response_mask)
                          - response_logprobs(reference, batch.input_ids, batch.attention_mask, batch.response_mask))
             kls.append(log_ratio.sum(-1).float().cpu())  # (B,)
-    golds = gold_scores(prompts, responses, ended)
     reward_values = torch.cat(rewards).numpy() if rewards else np.full(len(prompts), np.nan)
     kl_values = torch.cat(kls).numpy() if kls else np.zeros(len(prompts))
-    return PolicyMeasurement(
-        gold=float(golds.mean()), gold_std=float(golds.std()),
-        eos_fraction=float(np.mean(ended)), mean_words=float(np.mean([len(r.split()) for r in responses])),
-        prompts=list(prompts), responses=responses, ended=ended, golds=golds,
-        reward=float(reward_values.mean()), kl=float(kl_values.mean()), rewards=reward_values, kls=kl_values)
+    return PolicyMeasurement(**_gold_fields(prompts, responses, ended), reward=float(reward_values.mean()),
+                             kl=float(kl_values.mean()), rewards=reward_values, kls=kl_values)

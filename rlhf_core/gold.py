@@ -100,6 +100,14 @@ def gold_breakdown(prompt: str, response: str, ended: bool = True,
     return parts
 
 
+def mean_gold_breakdown(prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None,
+                        config: GoldConfig = GoldConfig()) -> dict[str, float]:
+    """The mean of each part of ``gold_breakdown`` over many responses: which rule a policy breaks."""
+    ended = [True] * len(responses) if ended is None else list(ended)
+    parts = [gold_breakdown(p, r, e, config) for p, r, e in zip(prompts, responses, ended)]
+    return {key: float(np.mean([part[key] for part in parts])) for key in parts[0]}
+
+
 def gold_score(prompt: str, response: str, ended: bool = True,
                config: GoldConfig = GoldConfig()) -> float:
     """What the hidden human thinks of ``response`` to ``prompt``; ``ended``: EOS was produced."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -368,7 +369,6 @@ class PPOTrainer:
                     "samples": json.dumps(self.samples), "config": json.dumps(asdict(self.config))},
                    partial / "training_state.pt")
         if folder.exists():
-            import shutil
             shutil.rmtree(folder)
         partial.rename(folder)
         return folder
@@ -486,6 +486,5 @@ def load_or_train_ppo(profile=None, config: PPOConfig | None = None, device=None
                "history": trainer.history, "samples": trainer.samples}
     summary_path.write_text(json.dumps(summary, indent=1))
     save_history(trainer.history, folder)
-    import shutil
     shutil.rmtree(folder / "checkpoint", ignore_errors=True)  # finished: the final policy replaces it
     return trainer.policy.eval(), trainer.history, trainer.samples

@@ -93,3 +93,16 @@ def test_raters_disagree_on_absolute_scores_but_rank_alike():
     # yet every rater's scores rise with quality
     for row in scores:
         assert np.corrcoef(row, golds)[0, 1] > 0.6
+
+
+def test_mean_gold_breakdown_averages_each_part():
+    from rlhf_core.gold import gold_scores, mean_gold_breakdown
+
+    prompts = ["Zorvath is a western.", "I watched Nimbrook."]
+    responses = [" The acting was great. The acting was great. The acting was great.", " Dull and not bad"]
+    ended = [True, False]
+    means = mean_gold_breakdown(prompts, responses, ended)
+    assert means["gold"] == pytest.approx(float(gold_scores(prompts, responses, ended).mean()))
+    parts = sum(value for key, value in means.items() if key != "gold")
+    assert parts == pytest.approx(means["gold"])
+    assert means["repetition"] < 0 and means["ending"] < 0
