@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +129,19 @@ def resolve_profile_name(name: str | None = None) -> str:
 def get_profile(name: str | None = None) -> Profile:
     """The profile by name (see module docstring); paths are read from the environment each call."""
     return _profiles()[resolve_profile_name(name)]
+
+
+def with_overrides(config, overrides: dict):
+    """``config`` with some fields changed; an unknown field name is an error that lists the known
+    ones (a misspelt override must never be silently ignored). Every ``for_profile`` ends here."""
+    known = [field.name for field in fields(config)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise TypeError(
+            f"{type(config).__name__} has no field {', '.join(map(repr, unknown))}: "
+            f"the fields are {', '.join(known)}"
+        )
+    return replace(config, **overrides)
 
 
 def select_device(preferred: str | None = None) -> torch.device:
