@@ -56,12 +56,13 @@ largest n.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
 from .generation import sample_responses
+from .reward_model import score_texts
 
 ScoreFn = Callable[[Sequence[str], Sequence[str], Sequence[bool]], np.ndarray]
 """score_fn(prompts, responses, ended) -> (N,) scores; higher is better. E.g. ``gold.gold_scores``
@@ -88,8 +89,6 @@ def reward_model_score_fn(reward_model, tokenizer, batch_size: int = 64, normali
     """A ``score_fn`` reading the reward model of chapter 03 (``rlhf_core.reward_model.score_texts``)."""
 
     def score(prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool]) -> np.ndarray:
-        from .reward_model import score_texts  # local import: only needed when a reward model is used
-
         return np.asarray(score_texts(reward_model, tokenizer, list(prompts), list(responses), batch_size,
                                       normalize=normalize, ended=list(ended)), dtype=float)
 
@@ -110,16 +109,28 @@ def sample_candidates(policy, tokenizer, prompts: Sequence[str], n: int, max_new
                       progress: bool = False) -> tuple[list[list[str]], list[list[bool]]]:
     """n responses per prompt, (P, n) nested lists of texts and EOS flags.
 
-    Sampled in one call as rows j * P + i (the j-th response to prompt i): the first P rows are
-    exactly what ``sample_responses(policy, tokenizer, prompts, ...)`` returns with the same seed
-    and batch size, so best-of-1 *is* plain sampling."""
+    Sampled in one call on ``prompts * n``, so row j * P + i is the j-th response to prompt i:
+    exactly what ``sample_responses(policy, tokenizer, prompts * n, ...)`` returns with the same
+    seed and batch size (and what ``evaluation.measure_policy`` samples on ``prompts * n``). For
+    n = 1 that is plain sampling: best-of-1 *is* ``sample_responses(prompts)``. For n > 1 the first
+    P rows are one sample of each prompt, but they are ``sample_responses(prompts)``'s only when P
+    is a multiple of ``batch_size``: otherwise the last batch of prompts shares its batch, hence its
+    random draws, with rows of the next copy."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     prompts = list(prompts)
-    repeated = prompts * n
-    responses, ended = sample_responses(policy, tokenizer, repeated, max_new_tokens, temperature,
+    responses, ended = sample_responses(policy, tokenizer, prompts * n, max_new_tokens, temperature,
                                         batch_size=batch_size, seed=seed, progress=progress)
-    count = len(prompts)
+    return candidates_from_rows(responses, ended, len(prompts))
+
+
+def candidates_from_rows(responses: Sequence[str], ended: Sequence[bool],
+                         count: int) -> tuple[list[list[str]], list[list[bool]]]:
+    """Samples laid out as rows j * P + i (the j-th sample of prompt i, ``count`` = P prompts, as
+    ``sample_candidates`` draws them) regrouped per prompt: (P, n) nested lists of texts and EOS flags."""
+    if count < 1 or len(responses) % count or len(ended) != len(responses):
+        raise ValueError(f"{len(responses)} responses and {len(ended)} EOS flags are not n rows of {count} prompts")
+    n = len(responses) // count
     candidates = [[responses[j * count + i] for j in range(n)] for i in range(count)]
     candidates_ended = [[bool(ended[j * count + i]) for j in range(n)] for i in range(count)]
     return candidates, candidates_ended
@@ -142,9 +153,15 @@ def best_of_n(policy, tokenizer, prompts: Sequence[str], n: int, score_fn: Score
               seed: int = 0, batch_size: int = 64, temperature: float = 1.0,
               progress: bool = False) -> BestOfNResult:
     """Sample ``n`` responses per prompt from ``policy`` and keep the one ``score_fn`` scores highest."""
-    prompts = list(prompts)
     candidates, candidates_ended = sample_candidates(policy, tokenizer, prompts, n, max_new_tokens, seed,
                                                      batch_size, temperature, progress)
+    return choose_best(prompts, candidates, candidates_ended, score_fn)
+
+
+def choose_best(prompts: Sequence[str], candidates: list[list[str]], candidates_ended: list[list[bool]],
+                score_fn: ScoreFn) -> BestOfNResult:
+    """Score every candidate (P, n) and keep the best of each prompt: best-of-n on samples already drawn."""
+    prompts = list(prompts)
     all_scores = score_candidates(prompts, candidates, candidates_ended, score_fn)  # (P, n)
     chosen = select_best(all_scores)  # (P,)
     rows = np.arange(len(prompts))
@@ -256,3 +273,13 @@ def expected_best_of_n(proxy_scores: np.ndarray, target_scores: np.ndarray, n: i
         order = np.argsort(proxy, kind="stable")
         expected[row] = float(np.dot(weights, level_mean[level_of[order]]))
     return expected
+
+
+def best_of_k_curve(rewards: np.ndarray, golds: np.ndarray, n: int) -> dict[str, list]:
+    """Best-of-k for k = 1, 2, 4, ... up to n, from the same (P, N >= n) scored samples at no extra
+    sampling: the analytic KL, the expected gold and the expected reward of each k (k = 1 is plain
+    sampling). ``rewards`` picks (the proxy), ``golds`` is what the pick is worth."""
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k < n] + [n]
+    return {"n": ks, "kl": [float(analytic_kl(k)) for k in ks],
+            "gold": [float(expected_best_of_n(rewards, golds, k).mean()) for k in ks],
+            "reward": [float(expected_best_of_n(rewards, rewards, k).mean()) for k in ks]}

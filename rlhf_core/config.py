@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import CourseError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 
@@ -116,11 +118,15 @@ def _profiles() -> dict[str, Profile]:
 PROFILE_NAMES = ("tiny", "small", "gpt2", "auto")
 
 
+class UnknownProfileError(CourseError, ValueError):
+    """A profile name that is not one of ``PROFILE_NAMES``."""
+
+
 def resolve_profile_name(name: str | None = None) -> str:
     """Argument, else ``RLHF_PROFILE``, else ``auto``; ``auto`` becomes gpt2 on CUDA, else tiny."""
     chosen = (name or os.environ.get("RLHF_PROFILE") or "auto").strip().lower()
     if chosen not in PROFILE_NAMES:
-        raise ValueError(f"unknown profile {chosen!r}: choose one of {', '.join(PROFILE_NAMES)}")
+        raise UnknownProfileError(f"unknown profile {chosen!r}: choose one of {', '.join(PROFILE_NAMES)}")
     if chosen == "auto":
         chosen = "gpt2" if torch.cuda.is_available() else "tiny"
     return chosen

@@ -30,21 +30,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
-from typing import Sequence
 
 import numpy as np
+from datasets import load_dataset
 
-from .config import Profile, cache_dir, get_profile
 from .gold import gold_score
 from .world import ReviewWorld
 
 DEMONSTRATION_SEED = 5_000  # the seed of the course's standard demonstrations (cache file)
 EVAL_DEMONSTRATION_SEED = 5_001  # the same demonstrators writing for the held-out eval prompts
-DEMONSTRATIONS_FILE = "demonstrations.jsonl"
-META_FILE = "demonstrations.meta.json"  # how the cached file was made (config, seed, prompt count)
 
 
 @dataclass(frozen=True)
@@ -129,34 +127,4 @@ def save_demonstrations(path: str | Path, records: Sequence[dict]) -> Path:
 
 def load_demonstrations(path: str | Path):
     """The records of a JSONL file as a ``datasets.Dataset`` (columns prompt, response, gold, ...)."""
-    from datasets import load_dataset
-
     return load_dataset("json", data_files=str(path), split="train")
-
-
-def demonstrations_path(profile: Profile | str | None = None) -> Path:
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
-    return cache_dir() / profile.name / DEMONSTRATIONS_FILE
-
-
-def load_or_write_demonstrations(profile: Profile | str | None = None):
-    """The profile's standard demonstrations (one per train prompt, ``DemonstratorConfig()``,
-    ``DEMONSTRATION_SEED``), written to ``cache_dir()/<profile>/demonstrations.jsonl`` the first
-    time and read back from there after: the same file every time. A sidecar
-    ``demonstrations.meta.json`` records how the file was made; a file made with another config
-    (an older version of the course) is rewritten. Returns a ``datasets.Dataset``."""
-    from .prompts import load_prompts
-
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
-    path = demonstrations_path(profile)
-    meta_path = path.with_name(META_FILE)
-    prompts = load_prompts(profile, "train")
-    meta = {"config": asdict(DemonstratorConfig()), "seed": DEMONSTRATION_SEED, "n_prompts": len(prompts),
-            "format": 1}
-    stored = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    if not path.exists() or stored != meta:
-        save_demonstrations(path, write_demonstrations(prompts, DemonstratorConfig(), DEMONSTRATION_SEED))
-        partial = meta_path.with_name(f"{META_FILE}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(meta, indent=1))
-        partial.replace(meta_path)  # written after the records: its presence vouches for them
-    return load_demonstrations(path)

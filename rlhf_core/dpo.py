@@ -54,24 +54,21 @@ larger implicit reward (a tie, e.g. at step 0 where pi = pi_ref, counts as wrong
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .batching import TokenBatch, encode_responses, pack
-from .config import Profile, cache_dir, get_profile, select_device, seed_everything
+from .config import Profile, get_profile, seed_everything, with_overrides
 from .logprobs import sequence_logprobs
-from .models import disable_dropout, load_causal_lm
-from .training import check_finite, cosine_with_warmup, load_checkpoint, save_checkpoint, set_learning_rate
+from .loop import batch_rows, fingerprint, save_final, steps_done, steps_per_epoch, train_loop
+from .models import disable_dropout
+from .training import adamw
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -123,28 +120,27 @@ class DPOConfig:
     eval_every: int = 25  # steps between held-out loss / accuracy measurements (0: only at the end)
     eval_batch_size: int = 64  # pairs per forward pass when evaluating or precomputing pi_ref
     checkpoint_every: int = 50  # steps between resumable checkpoints (0: never)
-    held_out_fraction: float = 0.1  # share of prompts whose pairs are kept out (load_or_train_dpo)
-    max_held_out_pairs: int | None = None  # evaluate on at most this many of them (load_or_train_dpo; None: all)
+    heldout_fraction: float = 0.1  # share of prompts whose pairs are kept out (load_or_train_dpo)
+    max_heldout_pairs: int | None = None  # evaluate on at most this many of them (load_or_train_dpo; None: all)
     seed: int = 0  # batch order (a pure function of the seed and the step, so resuming needs no RNG)
 
     @classmethod
-    def for_profile(cls, profile: Profile, **overrides) -> "DPOConfig":
+    def for_profile(cls, profile: Profile | str | None = None, **overrides) -> DPOConfig:
+        """The defaults the course uses (and caches) for a profile, with ``overrides`` applied."""
+        profile = profile if isinstance(profile, Profile) else get_profile(profile)
         config = cls(max_response_tokens=profile.max_new_tokens)
         if profile.name == "gpt2":
             # 124M parameters move much faster per step than the tiny model: the DPO paper's
             # learning rate range (1e-6 with batch 64) scaled up slightly for a 2-epoch run.
-            config.learning_rate = 5e-6
-            config.batch_size = 32
-            config.warmup_steps = 20
-            config.eval_batch_size = 32
-        for name, value in overrides.items():
-            setattr(config, name, value)
-        return config
+            config = replace(config, learning_rate=5e-6, batch_size=32, warmup_steps=20, eval_batch_size=32)
+        return with_overrides(config, overrides)
 
     def total_steps(self, n_train: int) -> int:
+        """Optimiser steps of the run for ``n_train`` training pairs (the last batch of an epoch
+        holds what is left)."""
         if self.steps is not None:
             return self.steps
-        return self.epochs * math.ceil(n_train / self.batch_size)
+        return self.epochs * steps_per_epoch(n_train, self.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,22 +240,12 @@ def evaluate_dpo(policy, tokenizer, records: Sequence[dict], ref_chosen_logps: t
     return _summary(torch.cat(losses), torch.cat(chosen_rewards), torch.cat(rejected_rewards))
 
 
-def batch_rows(step: int, n_train: int, config: DPOConfig) -> list[int]:
-    """Rows of the training pairs used at ``step``: a fresh permutation each epoch, drawn from the
-    seed and the epoch number only, so a resumed run sees the same batches with no saved RNG state.
-    The last batch of an epoch holds what is left (it may be smaller)."""
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    epoch, position = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-    return order[position * config.batch_size:(position + 1) * config.batch_size].tolist()
-
-
 def used_rows(n_train: int, config: DPOConfig) -> list[int]:
-    """The training rows a run of ``config.total_steps(n_train)`` steps visits, sorted. A short run
-    (fewer steps than an epoch) needs the reference log-probs of these pairs only."""
+    """The training rows a run of ``config.total_steps(n_train)`` steps visits (``batch_rows``),
+    sorted. A short run (fewer steps than an epoch) needs the reference log-probs of these pairs only."""
     rows: set[int] = set()
     for step in range(config.total_steps(n_train)):
-        rows.update(batch_rows(step, n_train, config))
+        rows.update(batch_rows(step, n_train, config.batch_size, config.seed))
         if len(rows) == n_train:
             break
     return sorted(rows)
@@ -285,19 +271,20 @@ def reference_logps_for_rows(reference, tokenizer, records: Sequence[dict], rows
 # Training
 
 
-def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], held_out_records: Sequence[dict],
+def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], heldout_records: Sequence[dict],
               config: DPOConfig, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
               stop_after_steps: int | None = None,
               reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
-              held_out_reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None):
+              heldout_reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
+              callback: Callable[[dict], None] | None = None):
     """Train ``policy`` with the DPO (or IPO) loss against the frozen ``reference``.
 
     Returns ``(policy, history)``. ``history`` has one dict per step (``step``, ``loss``,
-    ``reward_margin``, ``accuracy``, ``chosen_reward``, ``rejected_reward``, ``lr``); every
-    ``config.eval_every`` steps and at the end it also holds ``held_out_loss``,
-    ``held_out_reward_margin``, ``held_out_accuracy``, ``held_out_chosen_reward`` and
-    ``held_out_rejected_reward``. A first record with ``step`` 0 holds the held-out numbers before
-    training (pi = pi_ref: loss log 2, margin 0).
+    ``reward_margin``, ``accuracy``, ``chosen_reward``, ``rejected_reward``, ``lr``,
+    ``grad_norm``); every ``config.eval_every`` steps and at the end it also holds
+    ``heldout_loss``, ``heldout_reward_margin``, ``heldout_accuracy``, ``heldout_chosen_reward``
+    and ``heldout_rejected_reward``. A first record with ``step`` 0 holds the held-out numbers
+    before training (pi = pi_ref: loss log 2, margin 0). ``callback(record)`` runs after every step.
 
     With ``out_dir``: a checkpoint every ``config.checkpoint_every`` steps in ``out_dir/checkpoint``
     (resumed from when ``resume``), and at the end the policy (``save_pretrained``) and
@@ -305,7 +292,7 @@ def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], held_
     early after saving a checkpoint (a simulated disconnect); a later call finishes the run with
     the same weights, bit for bit, as an uninterrupted one.
 
-    ``reference_logps`` / ``held_out_reference_logps``: log pi_ref of the chosen and rejected
+    ``reference_logps`` / ``heldout_reference_logps``: log pi_ref of the chosen and rejected
     responses, (N,) each and aligned with the records, when the caller has them already (several
     runs on the same pairs with different betas). Missing, they are computed here: for the training
     rows the run visits (``used_rows``) and every held-out pair.
@@ -318,7 +305,7 @@ def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], held_
     if policy is reference or any(p.data_ptr() in policy_parameters for p in reference.parameters()):
         raise ValueError("policy and reference share weights: pass a frozen copy of the starting "
                          "policy as the reference (rlhf_core.sft.frozen_reference)")
-    train_records, held_out_records = list(train_records), list(held_out_records)
+    train_records, heldout_records = list(train_records), list(heldout_records)
     device = next(policy.parameters()).device
     seed_everything(config.seed)
     disable_dropout(policy)
@@ -329,197 +316,42 @@ def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], held_
         reference_logps = reference_logps_for_rows(reference, tokenizer, train_records,
                                                    used_rows(len(train_records), config),
                                                    config.eval_batch_size, config.max_response_tokens)
-    if held_out_reference_logps is None:
-        held_out_reference_logps = precompute_reference_logps(reference, tokenizer, held_out_records,
-                                                              config.eval_batch_size, config.max_response_tokens)
+    if heldout_reference_logps is None:
+        heldout_reference_logps = precompute_reference_logps(reference, tokenizer, heldout_records,
+                                                             config.eval_batch_size, config.max_response_tokens)
     ref_chosen, ref_rejected = (t.float().cpu() for t in reference_logps)
-    held_ref_chosen, held_ref_rejected = (t.float().cpu() for t in held_out_reference_logps)
-    if len(ref_chosen) != len(train_records) or len(held_ref_chosen) != len(held_out_records):
+    heldout_ref_chosen, heldout_ref_rejected = (t.float().cpu() for t in heldout_reference_logps)
+    if len(ref_chosen) != len(train_records) or len(heldout_ref_chosen) != len(heldout_records):
         raise ValueError("reference log-probs must be aligned with the records, one per pair")
 
-    def held_out_record() -> dict[str, float]:
-        if not held_out_records:
-            return {}
-        numbers = evaluate_dpo(policy, tokenizer, held_out_records, held_ref_chosen, held_ref_rejected, config)
-        return {f"held_out_{name}": value for name, value in numbers.items()}
-
-    decay = [p for p in policy.parameters() if p.dim() >= 2]
-    no_decay = [p for p in policy.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
-
-    total_steps = config.total_steps(len(train_records))
-    checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
-    history: list[dict] = []
-    start_step = 0
-    if checkpoint is not None and resume and (checkpoint / "training_state.pt").exists():
-        restored = load_checkpoint(checkpoint, policy, optimizer)
-        start_step, history = restored["step"], restored["history"]
-    if start_step == 0 and held_out_records:
-        history = [{"step": 0, **held_out_record()}]
-
-    started = time.perf_counter()
-    bar = tqdm(range(start_step, total_steps), desc=f"DPO (beta {config.beta:g})", disable=not progress,
-               initial=start_step, total=total_steps)
-    for step in bar:
-        if stop_after_steps is not None and step - start_step >= stop_after_steps:
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, policy, optimizer, step, history)
-            bar.close()
-            return policy, history
-        policy.train()  # dropout is off: train() only matters to modules that check it
-        lr = cosine_with_warmup(step, total_steps, config.warmup_steps, config.learning_rate)
-        set_learning_rate(optimizer, lr)
-        rows = batch_rows(step, len(train_records), config)
+    def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
+        rows = batch_rows(step, len(train_records), config.batch_size, config.seed)
         policy_chosen, policy_rejected = pair_logps(policy, tokenizer, [train_records[i] for i in rows],
                                                     config.max_response_tokens)  # (B,), (B,)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen[rows].to(device), ref_rejected[rows].to(device),
             config.beta, config.loss_type)
-        loss = losses.mean()
-        check_finite(loss, "DPO loss", step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        optimizer.step()
-        record = {"step": step + 1, **_summary(losses, chosen_rewards, rejected_rewards), "lr": lr}
-        if (config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == total_steps:
-            record.update(held_out_record())
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
-                        margin=f"{record['reward_margin']:+.2f}")
-        if (checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
-                and step + 1 < total_steps):
-            save_checkpoint(checkpoint, policy, optimizer, step + 1, history)
-    bar.close()
-    policy.eval()
+        stats = _summary(losses, chosen_rewards, rejected_rewards)
+        del stats["loss"]  # the loop logs the loss it steps on
+        return losses.mean(), stats
 
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        policy.save_pretrained(out_dir, safe_serialization=True)
-        summary = {"config": asdict(config), "n_train": len(train_records), "n_held_out": len(held_out_records),
-                   "steps": total_steps, "seconds_this_run": round(time.perf_counter() - started, 1),
-                   "history": history}
-        (out_dir / "dpo_summary.json").write_text(json.dumps(summary, indent=1))
-        if checkpoint is not None and checkpoint.exists():
-            shutil.rmtree(checkpoint)  # finished: the final weights replace the resumable state
+    def evaluate() -> dict:
+        numbers = evaluate_dpo(policy, tokenizer, heldout_records, heldout_ref_chosen, heldout_ref_rejected, config)
+        return {f"heldout_{name}": value for name, value in numbers.items()}
+
+    checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    total_steps = config.total_steps(len(train_records))
+    started = time.perf_counter()
+    history = train_loop(
+        policy, adamw(policy, config.learning_rate, config.weight_decay), loss_on_step, steps=total_steps,
+        learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm,
+        name="DPO", description=f"DPO (beta {config.beta:g})", evaluate=evaluate if heldout_records else None,
+        eval_every=config.eval_every, checkpoint_dir=checkpoint, checkpoint_every=config.checkpoint_every,
+        identity={"config": asdict(config), "data": fingerprint([train_records, heldout_records])},
+        resume=resume, stop_after_steps=stop_after_steps, callback=callback, progress=progress)
+
+    if out_dir is not None and steps_done(history) == total_steps:
+        save_final(out_dir, policy, "dpo_summary.json", {
+            "config": asdict(config), "n_train": len(train_records), "n_heldout": len(heldout_records),
+            "steps": total_steps, "seconds_this_run": round(time.perf_counter() - started, 1), "history": history})
     return policy, history
-
-
-def dpo_dir(profile: Profile, beta: float, config: DPOConfig | None = None) -> Path:
-    """Where ``load_or_train_dpo`` caches the policy trained with this beta: ``dpo-beta<beta>`` for
-    the profile's default config, ``dpo-beta<beta>-<hash of the config>`` for any other (a short
-    run of a notebook and the default run of the pipeline do not overwrite each other)."""
-    name = f"dpo-beta{beta:g}"
-    if config is not None:
-        config = replace(config, beta=beta)
-        if asdict(config) != asdict(DPOConfig.for_profile(profile, beta=beta)):
-            digest = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
-            name = f"{name}-{digest}"
-    return cache_dir() / profile.name / name
-
-
-def record_key(record: dict) -> str:
-    """What identifies a preference pair for its reference log-probs: prompt, both texts, EOS flags."""
-    fields = [record["prompt"], record["chosen"], record["rejected"], _ended(record, "chosen"),
-              _ended(record, "rejected")]
-    return hashlib.sha1(json.dumps(fields).encode()).hexdigest()
-
-
-def cached_reference_logps(path: str | Path, fingerprint: str, reference, tokenizer, records: Sequence[dict],
-                           rows: Sequence[int] | None = None, batch_size: int = 64,
-                           max_response_tokens: int | None = None,
-                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference_logps_for_rows`` with a file of log-probs computed before: pairs already in
-    ``path`` (under the same ``fingerprint``: the reference model and ``max_response_tokens``)
-    are read back, only the others go through the reference, and the file is updated. Runs with
-    other betas on the same pairs then pay for pi_ref once."""
-    path = Path(path)
-    rows = list(range(len(records))) if rows is None else list(rows)
-    store: dict[str, tuple[float, float]] = {}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("fingerprint") == fingerprint:
-            store = {key: tuple(value) for key, value in saved["logps"].items()}
-    keys = [record_key(record) for record in records]
-    missing = [row for row in rows if keys[row] not in store]
-    chosen, rejected = reference_logps_for_rows(reference, tokenizer, records, missing, batch_size,
-                                                max_response_tokens, progress)
-    for row in missing:
-        store[keys[row]] = (float(chosen[row]), float(rejected[row]))
-    for row in rows:
-        chosen[row], rejected[row] = store[keys[row]]
-    if missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps({"fingerprint": fingerprint, "logps": store}))
-        partial.replace(path)
-    return chosen, rejected
-
-
-def load_or_train_dpo(profile: Profile | None = None, beta: float | None = None, device=None,
-                      progress: bool = True, config: DPOConfig | None = None):
-    """The DPO policy of the profile, from ``dpo_dir(profile, beta, config)`` or, when missing
-    (or trained with another config, SFT model or preference data), trained now: from the SFT
-    policy (``rlhf_core.sft``) on the profile's simulated preference pairs
-    (``rlhf_core.preferences``), split by prompt.
-
-    Returns ``(policy, history)``. ``beta`` overrides the config's (one cached policy per beta,
-    for the gold-versus-KL frontier of chapter 07). An interrupted training resumes. The reference
-    log-probs are kept in ``cache_dir()/<profile>/dpo-reference-logps.json`` and shared by every beta.
-    """
-    profile = profile or get_profile()
-    config = replace(config or DPOConfig.for_profile(profile))  # a copy: the caller's stays as it was
-    if beta is not None:
-        config.beta = beta
-    device = device or select_device()
-    out_dir = dpo_dir(profile, config.beta, config)
-
-    # local imports: those stages are needed only to train, and are built by other chapters
-    from .preferences import load_or_build_preferences, sft_fingerprint, split_preferences
-    from .sft import load_or_train_sft
-
-    def data_fingerprint(records: Sequence[dict]) -> str:
-        digest = hashlib.sha1("".join(record_key(r) for r in records).encode()).hexdigest()
-        return json.dumps({"sft": sft_fingerprint(profile), "preferences": digest}, sort_keys=True)
-
-    summary_path = out_dir / "dpo_summary.json"
-    if (out_dir / "model.safetensors").exists() and summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary["config"] == asdict(config) and summary.get("data") == data_fingerprint(
-                load_or_build_preferences(profile, device=device, progress=progress)):
-            return load_causal_lm(out_dir, device=device), summary["history"]
-
-    policy, reference, tokenizer = load_or_train_sft(profile, device=device, progress=progress)
-    records = load_or_build_preferences(profile, device=device, progress=progress)
-    data = data_fingerprint(records)
-    train_records, held_out_records = split_preferences(records, config.held_out_fraction, config.seed)
-    held_out_records = held_out_records[:config.max_held_out_pairs]
-
-    reference_file = cache_dir() / profile.name / "dpo-reference-logps.json"
-    reference_fingerprint = json.dumps({"sft": sft_fingerprint(profile),
-                                        "max_response_tokens": config.max_response_tokens}, sort_keys=True)
-    reference_logps = cached_reference_logps(reference_file, reference_fingerprint, reference, tokenizer,
-                                             train_records, used_rows(len(train_records), config),
-                                             config.eval_batch_size, config.max_response_tokens, progress)
-    held_out_reference_logps = cached_reference_logps(reference_file, reference_fingerprint, reference, tokenizer,
-                                                      held_out_records, None, config.eval_batch_size,
-                                                      config.max_response_tokens, progress)
-
-    checkpoint = out_dir / "checkpoint" / "training_state.pt"
-    wanted = {"config": asdict(config), "data": data}
-    if checkpoint.exists():
-        saved = json.loads((out_dir / "checkpoint_config.json").read_text()) \
-            if (out_dir / "checkpoint_config.json").exists() else None
-        if saved != wanted:  # a checkpoint of another config or other data must not be resumed
-            shutil.rmtree(checkpoint.parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "checkpoint_config.json").write_text(json.dumps(wanted, indent=1))
-    policy, history = train_dpo(policy, reference, tokenizer, train_records, held_out_records, config,
-                                out_dir=out_dir, resume=True, progress=progress, reference_logps=reference_logps,
-                                held_out_reference_logps=held_out_reference_logps)
-    summary = json.loads(summary_path.read_text())
-    summary["data"] = data
-    summary_path.write_text(json.dumps(summary, indent=1))
-    return policy.eval(), history

@@ -13,3 +13,11 @@ class CourseError(Exception):
     """Known bad input or state: the message is the whole story (what, where, and the fix)."""
 
     exit_status = 2
+
+
+class MissingCheckpointError(CourseError, FileNotFoundError):
+    """A local checkpoint the course needs is not there; the message says how to build it."""
+
+
+class HubUnreachableError(CourseError, OSError):
+    """A hub model or data set could not be fetched; the message names the offline profile."""

@@ -8,13 +8,18 @@ training signal ever comes from ``gold``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .generation import sample_responses
+from .generation import generate, sample_responses
 from .gold import gold_scores
+from .logprobs import response_logprobs
+from .reward_model import score_batch
 
 
 @dataclass
@@ -49,12 +54,31 @@ def _gold_fields(prompts: list[str], responses: list[str], ended: list[bool]) ->
                 prompts=list(prompts), responses=responses, ended=ended, golds=golds)
 
 
+def gold_standard_error(golds, prompt_count: int) -> float:
+    """Standard error of a mean gold over ``prompt_count`` prompts, the samples laid out as rows
+    j * P + i (the j-th sample of prompt i): the spread of the per-prompt means (samples of one
+    prompt are not independent of each other) over sqrt(P)."""
+    per_prompt = np.asarray(golds, dtype=float).reshape(-1, prompt_count).mean(axis=0)  # (P,)
+    return float(per_prompt.std() / math.sqrt(prompt_count))
+
+
+def gold_summary(golds, responses: Sequence[str], ended: Sequence[bool], prompt_count: int) -> dict[str, float]:
+    """The gold columns of a report for scored responses however they were drawn (rows j * P + i):
+    mean, spread and standard error of the gold, share that ended with EOS, mean length in words."""
+    golds = np.asarray(golds, dtype=float)
+    return {"gold": round(float(golds.mean()), 4), "gold_std": round(float(golds.std()), 4),
+            "gold_se": round(gold_standard_error(golds, prompt_count), 4),
+            "eos_fraction": round(float(np.mean(ended)), 4),
+            "mean_words": round(float(np.mean([len(r.split()) for r in responses])), 2)}
+
+
 @dataclass
 class PolicyMeasurement(PolicyEvaluation):
     """``PolicyEvaluation`` plus what the reward model and the reference say of the same responses."""
 
     reward: float = 0.0  # mean reward-model score (normalised: the SFT policy scores 0 +- 1)
-    kl: float = 0.0  # mean KL(pi || pi_ref) per response in nats: E[sum_t log pi(y_t) - log pi_ref(y_t)]
+    kl: float = 0.0  # mean KL(pi || pi_ref) per response in nats: E[sum_t log pi(y_t) - log pi_ref(y_t)],
+    #                  both at the sampling temperature
     rewards: np.ndarray = field(default=None, repr=False)  # per-response reward-model scores
     kls: np.ndarray = field(default=None, repr=False)  # per-response summed log-ratios
 
@@ -68,18 +92,20 @@ def measure_policy(policy, reference, reward_model, tokenizer, prompts: list[str
                    progress: bool = False) -> PolicyMeasurement:
     """One response per prompt from ``policy``, scored three ways on the very tokens sampled:
     gold (the hidden human), the reward model (normalised, read at the last real token) and the
-    KL to the reference, sum over response tokens of log pi - log pi_ref at temperature 1 (k1,
-    unbiased for the sequence-level KL because the tokens come from pi). Every stage of the
-    pipeline (SFT, PPO, DPO) is measured with this one function on the same held-out prompts.
+    KL to the reference, sum over response tokens of log pi - log pi_ref (k1, unbiased for the
+    sequence-level KL because the tokens come from pi). Every stage of the pipeline (SFT, PPO, DPO)
+    is measured with this one function on the same held-out prompts.
+
+    The responses are drawn from softmax(logits / ``temperature``), so the KL is that of the
+    tempered distributions: both log-probs are computed at ``temperature`` (the KL between what pi
+    actually samples from and pi_ref at the same temperature). Temperature 0 (greedy) has no KL:
+    pass ``reference=None`` for it.
 
     ``reward_model`` may be None (reward reported as nan); ``reference`` None means pi_ref = pi.
     """
-    from tqdm.auto import tqdm
-
-    from .generation import generate
-    from .logprobs import response_logprobs
-    from .reward_model import score_batch
-
+    if reference is not None and temperature <= 0:
+        raise ValueError(f"temperature {temperature}: greedy decoding has no KL to a reference; "
+                         "sample at a temperature > 0 or pass reference=None")
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     responses, ended, rewards, kls = [], [], [], []
@@ -91,8 +117,9 @@ def measure_policy(policy, reference, reward_model, tokenizer, prompts: list[str
         if reward_model is not None:
             rewards.append(score_batch(reward_model, batch.input_ids, batch.attention_mask).float().cpu())
         if reference is not None:
-            log_ratio = (response_logprobs(policy, batch.input_ids, batch.attention_mask, batch.response_mask)
-                         - response_logprobs(reference, batch.input_ids, batch.attention_mask, batch.response_mask))
+            sampled = (batch.input_ids, batch.attention_mask, batch.response_mask)
+            log_ratio = (response_logprobs(policy, *sampled, temperature=temperature)
+                         - response_logprobs(reference, *sampled, temperature=temperature))  # (B, T)
             kls.append(log_ratio.sum(-1).float().cpu())  # (B,)
     reward_values = torch.cat(rewards).numpy() if rewards else np.full(len(prompts), np.nan)
     kl_values = torch.cat(kls).numpy() if kls else np.zeros(len(prompts))

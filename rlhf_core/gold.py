@@ -7,7 +7,7 @@ reader who wants an enthusiastic, well-formed movie review:
     gold(x, y) = VADER compound sentiment of y                 in [-1, 1]  (Hutto & Gilbert, 2014)
                  - repetition penalty  (repeated word trigrams, also ones copied from the prompt x)
                  - rambling penalty    (words past a natural length)
-                 - ending penalty      (no EOS, or no final punctuation)
+                 - ending penalty      (no EOS; or an EOS after an unfinished sentence)
 
 The reward model never calls this function; it only sees the labels of the *simulated labelers*:
 
@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -53,8 +53,8 @@ class GoldConfig:
     ramble_penalty_per_word: float = 0.03  # gold lost per word past the natural length
     max_ramble_penalty: float = 1.0  # rambling can cost at most this much
     repetition_weight: float = 1.5  # gold lost per unit fraction of repeated word trigrams
-    no_eos_penalty: float = 0.5  # the response never ended (hit the length limit)
-    no_final_punctuation_penalty: float = 0.25  # ended, but mid-sentence
+    no_eos_penalty: float = 0.5  # never ended (hit the length limit): its only ending penalty
+    no_final_punctuation_penalty: float = 0.25  # ended (EOS), but mid-sentence
     empty_response_score: float = -1.0  # an empty answer is as bad as the worst review
 
 
@@ -92,9 +92,11 @@ def gold_breakdown(prompt: str, response: str, ended: bool = True,
                          config.ramble_penalty_per_word * max(0, n_words - config.natural_words)),
         "ending": 0.0,
     }
+    # One ending penalty, never both: a response cut off by the length limit is mid-sentence by
+    # nature and already pays for not ending; the punctuation rule is for responses that chose to end.
     if not ended:
         parts["ending"] -= config.no_eos_penalty
-    if text[-1] not in ".!?":
+    elif text[-1] not in ".!?":
         parts["ending"] -= config.no_final_punctuation_penalty
     parts["gold"] = sum(parts.values())
     return parts

@@ -15,6 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from .config import Profile
+from .errors import HubUnreachableError, MissingCheckpointError
 
 # What to run to rebuild each local checkpoint the course can miss; used in error messages.
 HOW_TO_BUILD = {
@@ -34,10 +35,10 @@ def pretrained_error(name_or_path: str, what: str, error: Exception) -> Exceptio
     if looks_like_path(name_or_path):
         folder = Path(name_or_path)
         build = HOW_TO_BUILD.get(folder.name, "the stage of the course that writes it")
-        return FileNotFoundError(
+        return MissingCheckpointError(
             f"no {what} checkpoint at {folder}: build it with `{build}` "
             f"(or run the chapter that creates it). Original error: {error}")
-    return OSError(
+    return HubUnreachableError(
         f"could not load the {what} '{name_or_path}' from the Hugging Face hub (offline, or the hub "
         f"is unreachable). The course runs without the hub in the 'tiny' profile: set "
         f"RLHF_PROFILE=tiny or pass --profile tiny. Original error: {error}")

@@ -42,7 +42,8 @@ __all__ = [
     "policy_loss",
     "value_loss",
     "entropy_from_logits",
-    "approx_kl",
+    "KL_ESTIMATORS",
+    "kl_estimate",
     "clip_fraction",
     "explained_variance",
     "FixedKLController",
@@ -181,34 +182,41 @@ def clip_fraction(ratio: torch.Tensor, mask: torch.Tensor, clip_range: float) ->
     return masked_mean(outside, mask)
 
 
-def approx_kl(
+KL_ESTIMATORS = ("k1", "k2", "k3")  # the names ``kl_estimate`` accepts
+
+
+def kl_estimate(
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor,
     estimator: str = "k1",
 ) -> torch.Tensor:
-    """Sample estimate of KL(pi_old || pi_new), averaged over the real positions.
+    """Per-sample estimate of KL(pi || pi_ref) from actions sampled from pi (J. Schulman,
+    "Approximating KL Divergence"). The course's one KL function.
 
-    The actions were sampled from pi_old; with log r = log pi_new(a) - log pi_old(a) per sample
-    (J. Schulman, "Approximating KL Divergence"):
+    Argument order: ``logprobs`` = log pi(a), the distribution the actions were *sampled from*;
+    ``ref_logprobs`` = log pi_ref(a), the one it is compared with. With r = pi_ref(a) / pi(a):
 
-    - ``"k1"``: -log r = log pi_old - log pi_new. Unbiased, high variance, can be negative per sample.
-    - ``"k2"``: (log r)^2 / 2. Biased, low variance, always >= 0.
-    - ``"k3"``: (r - 1) - log r. Unbiased and always >= 0; what PPO implementations log as
-      ``approx_kl``.
+    - ``"k1"``: -log r = log pi - log pi_ref. Unbiased, high variance, negative for some samples.
+    - ``"k2"``: (log r)^2 / 2. Biased (slightly, while pi stays near pi_ref), low variance, >= 0.
+    - ``"k3"``: (r - 1) - log r. Unbiased and never negative.
 
-    logprobs, old_logprobs, mask: (B, T) -> scalar.
+    The course uses it twice, each time with the sampling distribution first:
+
+    - the RLHF penalty, KL(pi_theta || pi_ref) on responses sampled from pi_theta:
+      ``kl_estimate(logprobs, ref_logprobs, "k1")`` per response token;
+    - PPO's ``approx_kl`` diagnostic, KL(pi_old || pi_new) on a rollout sampled from pi_old:
+      ``masked_mean(kl_estimate(old_logprobs, new_logprobs, "k3"), mask)``.
+
+    logprobs, ref_logprobs: (B, T), or any shape -> the same shape (average with ``masked_mean``).
     """
-    log_ratio = logprobs - old_logprobs  # (B, T): log r
+    log_r = ref_logprobs - logprobs  # (B, T): log pi_ref(a) / pi(a)
     if estimator == "k1":
-        per_position = -log_ratio
-    elif estimator == "k2":
-        per_position = 0.5 * log_ratio**2
-    elif estimator == "k3":
-        per_position = torch.expm1(log_ratio) - log_ratio  # expm1 is exact for small log r
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1', 'k2' or 'k3'")
-    return masked_mean(per_position, mask)
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r  # expm1 is exact for small log r
+    raise ValueError(f"unknown KL estimator {estimator!r}: use one of {', '.join(KL_ESTIMATORS)}")
 
 
 def policy_loss(
@@ -228,8 +236,8 @@ def policy_loss(
 
     logprobs (with gradient), old_logprobs, advantages, mask: (B, T). Returns (loss, stats); stats:
     ``clipfrac`` (ratio outside the range), ``clip_active_frac`` (the clipped term was the larger
-    loss, so that position's gradient is zero), ``approx_kl`` (k3 estimate of KL(old || new)),
-    ``ratio_mean``; all detached.
+    loss, so that position's gradient is zero), ``approx_kl`` (k3 estimate of KL(pi_old || pi_new),
+    how far the update moved the policy), ``ratio_mean``; all detached.
     """
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
@@ -241,7 +249,7 @@ def policy_loss(
         stats = {
             "clipfrac": clip_fraction(ratio, mask, clip_range),
             "clip_active_frac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
-            "approx_kl": approx_kl(logprobs, old_logprobs, mask, estimator="k3"),
+            "approx_kl": masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask),  # sampled from pi_old
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
@@ -340,7 +348,12 @@ class AdaptiveKLController:
         beta <- beta * (1 + error * n_steps / horizon)
 
     KL above target raises beta (pulling the policy back toward pi_ref), below target lowers it.
-    The clip bounds how fast beta can move; ``horizon`` (in samples) sets the time scale.
+    The clip bounds how fast beta can move; ``horizon`` (in samples) sets the time scale: one
+    update of ``n_steps`` samples changes beta by at most a factor 1 +- 0.2 * n_steps / horizon.
+    n_steps / horizon is the paper's K_beta (0.1 there). So the horizon must be set relative to the
+    samples per update: 10,000 samples with 64 per update is K_beta = 0.0064, and beta moves by at
+    most 4% in 30 updates (inert). The language-model loop's default is 10 updates' samples
+    (K_beta = 0.1): beta can grow x1.81 or shrink x0.55 in 30 updates (``rlhf.PPOConfig.kl_horizon``).
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):

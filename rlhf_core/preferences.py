@@ -34,16 +34,16 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .config import Profile, cache_dir, get_profile, select_device
+from .config import Profile, get_profile, with_overrides
+from .errors import CourseError
 from .generation import sample_responses
 from .gold import PreferenceLabeler, gold_scores, sigmoid
-from .prompts import load_prompts
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")  # required, non-empty strings
 NUMBER_FIELDS = ("chosen_gold", "rejected_gold")  # optional, finite numbers (analysis only)
@@ -51,7 +51,7 @@ FLAG_FIELDS = ("chosen_ended", "rejected_ended")  # optional booleans, missing m
 SOURCES = ("simulated", "human")  # allowed values of the optional "source" field
 
 
-class PreferenceFileError(ValueError):
+class PreferenceFileError(CourseError, ValueError):  # a CourseError: the command line prints its one line
     """A preference file holds a record that cannot be used; the message names file and line."""
 
 
@@ -66,12 +66,12 @@ class PreferenceConfig:
     seed: int = 0  # sampling seed; the labeler uses seed + 1 (its own stream)
 
     @classmethod
-    def for_profile(cls, profile: Profile) -> "PreferenceConfig":
-        config = cls(max_new_tokens=profile.max_new_tokens,
-                     generation_batch_size=profile.generation_batch_size)
+    def for_profile(cls, profile: Profile | str | None = None, **overrides) -> PreferenceConfig:
+        profile = profile if isinstance(profile, Profile) else get_profile(profile)
+        config = cls(max_new_tokens=profile.max_new_tokens, generation_batch_size=profile.generation_batch_size)
         if profile.name == "gpt2":
             config.n_prompts = 4000  # a GPU samples 124M-parameter responses quickly
-        return config
+        return with_overrides(config, overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,18 +222,18 @@ def build_preferences(policy, tokenizer, prompts: Sequence[str], config: Prefere
     return label_candidates(candidates, PreferenceLabeler(temperature=config.labeler_temperature, seed=seed + 1))
 
 
-def split_preferences(records: Sequence[dict], held_out_fraction: float = 0.1,
+def split_preferences(records: Sequence[dict], heldout_fraction: float = 0.1,
                       seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """``(train, held_out)``, split by *prompt*: all pairs of a prompt land on the same side, so
+    """``(train, heldout)``, split by *prompt*: all pairs of a prompt land on the same side, so
     held-out accuracy measures pairs whose prompt the reward model has never seen."""
-    if not 0.0 <= held_out_fraction < 1.0:
-        raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     prompts = sorted({record["prompt"] for record in records})
     random.Random(seed).shuffle(prompts)
-    held_out_prompts = set(prompts[:round(held_out_fraction * len(prompts))])
-    train = [record for record in records if record["prompt"] not in held_out_prompts]
-    held_out = [record for record in records if record["prompt"] in held_out_prompts]
-    return train, held_out
+    heldout_prompts = set(prompts[:round(heldout_fraction * len(prompts))])
+    train = [record for record in records if record["prompt"] not in heldout_prompts]
+    heldout = [record for record in records if record["prompt"] in heldout_prompts]
+    return train, heldout
 
 
 def gold_agreement(records: Sequence[dict]) -> float:
@@ -249,50 +249,3 @@ def labeler_accuracy_cap(records: Sequence[dict], temperature: float) -> float:
     sigmoid(|gold gap| / T). No reward model trained on these labels should expect more."""
     gaps = [abs(r["chosen_gold"] - r["rejected_gold"]) for r in records if "chosen_gold" in r]
     return float(np.mean([sigmoid(gap / temperature) for gap in gaps])) if gaps else float("nan")
-
-
-def preferences_path(profile: Profile) -> Path:
-    return cache_dir() / profile.name / "preferences.jsonl"
-
-
-def sft_fingerprint(profile: Profile) -> str | None:
-    """What identifies the profile's cached SFT model (its training config and data hash), or
-    None when there is no finished SFT run for the profile's default config. Stages built on SFT
-    samples store it, so they are rebuilt when the SFT model changes."""
-    from .sft import SFTConfig, is_cached_sft, load_sft_summary, sft_dir
-
-    folder = sft_dir(profile)
-    if not is_cached_sft(folder, SFTConfig.for_profile(profile)):
-        return None
-    summary = load_sft_summary(folder)
-    return json.dumps({"config": summary["config"], "data": summary.get("data")}, sort_keys=True)
-
-
-def load_or_build_preferences(profile: Profile | None = None, device=None, progress: bool = True,
-                              config: PreferenceConfig | None = None) -> list[dict]:
-    """The profile's simulated preference pairs, from ``cache_dir()/<profile>/preferences.jsonl``
-    or, when missing (or built with another config or another SFT model), sampled from the SFT
-    policy and labelled.
-
-    The SFT policy comes from ``rlhf_core.sft.load_or_train_sft`` (trained when missing).
-    """
-    profile = profile or get_profile()
-    config = config or PreferenceConfig.for_profile(profile)
-    path = preferences_path(profile)
-    settings_path = path.with_suffix(".config.json")
-    fingerprint = sft_fingerprint(profile)
-    wanted = {"preferences": asdict(config), "sft": fingerprint}
-    if (fingerprint is not None and path.exists() and settings_path.exists()
-            and json.loads(settings_path.read_text()) == wanted):
-        return load_preferences(path)
-
-    from .sft import load_or_train_sft  # local import: the SFT stage is only needed to build
-
-    device = device or select_device()
-    policy, _reference, tokenizer = load_or_train_sft(profile, device=device, progress=progress)
-    prompts = load_prompts(profile, "train", config.n_prompts)
-    records = build_preferences(policy, tokenizer, prompts, config, seed=config.seed, progress=progress)
-    save_preferences(path, records)
-    wanted["sft"] = sft_fingerprint(profile)
-    settings_path.write_text(json.dumps(wanted, indent=1))
-    return records

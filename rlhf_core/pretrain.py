@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import world
 from .batching import pack, position_ids_from_mask
-from .config import Profile, data_dir, seed_everything
+from .config import Profile, data_dir, get_profile, seed_everything, with_overrides
+from .loop import batch_rows, save_final, steps_done, train_loop
 from .models import count_parameters, new_model
 from .tokenizer import load_tokenizer, train_tokenizer
-from .training import (check_finite, cosine_with_warmup, load_checkpoint, save_checkpoint,
-                       set_learning_rate)
+from .training import adamw
 
 
 @dataclass
@@ -38,16 +38,20 @@ class PretrainConfig:
     learning_rate: float = 3e-3  # peak AdamW learning rate (small models like it high)
     warmup_steps: int = 100  # linear warmup before the cosine decay
     weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
     n_train_reviews: int = 60_000  # reviews drawn once from the world for training
     n_validation_reviews: int = 1_000  # held-out reviews (another seed) for the validation loss
-    eval_every: int = 250  # steps between validation-loss measurements
+    eval_every: int = 250  # steps between validation-loss measurements (0: only at the end)
     checkpoint_every: int = 500  # steps between resumable checkpoints (0: never)
     seed: int = 0  # model initialisation and batch order
 
     @classmethod
-    def for_profile(cls, profile: Profile) -> "PretrainConfig":
-        return cls(steps=profile.pretrain_steps, batch_size=profile.pretrain_batch_size,
-                   learning_rate=profile.pretrain_lr)
+    def for_profile(cls, profile: Profile | str | None = None, **overrides) -> PretrainConfig:
+        """The profile's pretraining run (steps, batch size and learning rate come from the profile)."""
+        profile = profile if isinstance(profile, Profile) else get_profile(profile)
+        config = cls(steps=profile.pretrain_steps, batch_size=profile.pretrain_batch_size,
+                     learning_rate=profile.pretrain_lr)
+        return with_overrides(config, overrides)
 
 
 def tokenize_reviews(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -92,71 +96,47 @@ def build_tokenizer(profile: Profile, folder: Path, seed: int = world.PRETRAIN_S
 
 def pretrain(profile: Profile, out_dir: str | Path, config: PretrainConfig | None = None,
              tokenizer=None, device: torch.device | str = "cpu", resume: bool = True,
-             progress: bool = True, stop_after_steps: int | None = None):
+             progress: bool = True, stop_after_steps: int | None = None,
+             callback: Callable[[dict], None] | None = None):
     """Train the profile's base model from scratch on world reviews and save it to ``out_dir``.
 
     Returns ``(model, summary)``; the summary (also written to ``out_dir/pretrain_summary.json``)
-    has the parameter count, the validation loss history and the wall time.
+    has the parameter count, the history (``loss``, ``lr``, ``grad_norm`` per step, the
+    ``validation_loss`` before training, every ``eval_every`` steps and at the end) and the wall time.
 
     A checkpoint is written every ``config.checkpoint_every`` steps to ``out_dir/checkpoint``; with
     ``resume=True`` a new call continues from it. ``stop_after_steps`` ends this call early (after
     saving a checkpoint), e.g. to train in slices on a machine that may disconnect; the summary
-    then has ``"finished": False``.
+    then has ``"finished": False``. ``callback(record)`` runs after every step.
     """
     config = config or PretrainConfig.for_profile(profile)
     out_dir = Path(out_dir)
     tokenizer = tokenizer or load_tokenizer(profile.tokenizer)
-    generator = seed_everything(config.seed)
+    seed_everything(config.seed)
     model = new_model(profile, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
                       seed=config.seed).to(device)
 
     train = tokenize_reviews(tokenizer, world.pretraining_corpus(config.n_train_reviews, world.PRETRAIN_SEED))
     validation = tokenize_reviews(tokenizer, world.pretraining_corpus(config.n_validation_reviews,
                                                                       world.PRETRAIN_VALIDATION_SEED))
-    # Decay matrices only; biases and LayerNorm gains stay free (as in GPT-2 and nanoGPT).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=config.learning_rate, betas=(0.9, 0.95))
 
-    checkpoint = out_dir / "checkpoint"
-    history: list[dict] = []
-    start_step = 0
-    if resume and (checkpoint / "training_state.pt").exists():
-        restored = load_checkpoint(checkpoint, model, optimizer, generator)
-        start_step, history = restored["step"], restored["history"]
+    def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
+        rows = batch_rows(step, len(train), config.batch_size, config.seed, drop_last=True)
+        batch = pack([train[i] for i in rows], [[] for _ in rows], tokenizer.pad_token_id).to(device)
+        return language_model_loss(model, batch.input_ids, batch.attention_mask), {}
 
     started = time.perf_counter()
-    bar = tqdm(range(start_step, config.steps), desc=f"pretraining {profile.name}", disable=not progress,
-               initial=start_step, total=config.steps)
-    for step in bar:
-        if stop_after_steps is not None and step - start_step >= stop_after_steps:
-            save_checkpoint(checkpoint, model, optimizer, step, history, generator)
-            bar.close()
-            return model, {"finished": False, "step": step, "history": history}
-        model.train()
-        set_learning_rate(optimizer, cosine_with_warmup(step, config.steps, config.warmup_steps,
-                                                        config.learning_rate))
-        rows = torch.randint(len(train), (config.batch_size,), generator=generator).tolist()
-        batch = pack([train[i] for i in rows], [[] for _ in rows], tokenizer.pad_token_id).to(device)
-        loss = language_model_loss(model, batch.input_ids, batch.attention_mask)
-        check_finite(loss, "pretraining loss", step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        record = {"step": step + 1, "train_loss": loss.item()}
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            record["validation_loss"] = validation_loss(model, validation, tokenizer.pad_token_id)
-        history.append(record)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save_checkpoint(checkpoint, model, optimizer, step + 1, history, generator)
+    history = train_loop(
+        model, adamw(model, config.learning_rate, config.weight_decay, betas=(0.9, 0.95)), loss_on_step,
+        steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm, name="pretraining", description=f"pretraining {profile.name}",
+        evaluate=lambda: {"validation_loss": validation_loss(model, validation, tokenizer.pad_token_id)},
+        eval_every=config.eval_every, checkpoint_dir=out_dir / "checkpoint", checkpoint_every=config.checkpoint_every,
+        identity={"config": asdict(config), "profile": profile.name, "vocab_size": len(tokenizer)},
+        resume=resume, stop_after_steps=stop_after_steps, callback=callback, progress=progress)
+    if steps_done(history) < config.steps:
+        return model, {"finished": False, "step": steps_done(history), "history": history}
 
-    model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
     validation_losses = [h["validation_loss"] for h in history if "validation_loss" in h]
     summary = {
         "finished": True,
@@ -169,11 +149,7 @@ def pretrain(profile: Profile, out_dir: str | Path, config: PretrainConfig | Non
         "config": asdict(config),
         "history": history,
     }
-    (out_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
-    if checkpoint.exists():
-        import shutil
-
-        shutil.rmtree(checkpoint)  # finished: the final weights replace the resumable state
+    save_final(out_dir, model, "pretrain_summary.json", summary)
     return model, summary
 
 

@@ -39,10 +39,9 @@ import json
 import math
 import os
 import shutil
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -50,30 +49,45 @@ import torch.nn.functional as F
 from transformers import GPT2ForSequenceClassification
 
 from .batching import TokenBatch, encode_responses, last_token_index, pack, position_ids_from_mask
-from .config import Profile, cache_dir, get_profile, seed_everything, select_device
+from .config import Profile, get_profile, seed_everything, with_overrides
+from .loop import batch_rows, fingerprint, steps_per_epoch, train_loop
 from .models import disable_dropout, pretrained_error
-from .training import check_finite, cosine_with_warmup, set_learning_rate
+from .training import adamw
 
 
 @dataclass
 class RewardModelConfig:
     epochs: int = 2  # passes over the training pairs (the papers use 1; a tiny model needs a little more)
+    steps: int | None = None  # optimiser steps; None: as many as ``epochs`` passes take
     batch_size: int = 32  # pairs per optimiser step (each step scores 2 x batch_size texts)
     learning_rate: float = 1e-3  # peak AdamW learning rate (small models like it high)
-    warmup: float = 0.05  # fraction of the steps spent warming the learning rate up linearly
+    warmup_steps: int = 8  # linear warmup before the cosine decay (5% of the tiny profile's 170 steps)
     weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices
     max_grad_norm: float = 1.0  # gradient clipping
     eval_every: int = 25  # steps between held-out accuracy measurements (0: only at the end)
-    held_out_fraction: float = 0.1  # share of prompts whose pairs are kept out of training
+    checkpoint_every: int = 50  # steps between resumable checkpoints when a folder is given (0: never)
+    heldout_fraction: float = 0.1  # share of prompts whose pairs are kept out of training
     n_normalization_prompts: int = 512  # fresh SFT samples that fix the mean-0 / std-1 normalisation
     score_batch_size: int = 128  # texts scored per forward pass when not training
     seed: int = 0  # head initialisation, pair shuffling, split and normalisation samples
 
     @classmethod
-    def for_profile(cls, profile: Profile) -> "RewardModelConfig":
+    def for_profile(cls, profile: Profile | str | None = None, **overrides) -> RewardModelConfig:
+        """The defaults the course uses (and caches) for a profile, with ``overrides`` applied."""
+        profile = profile if isinstance(profile, Profile) else get_profile(profile)
         if profile.name == "gpt2":  # a 124M model: the papers' single epoch and a gentler rate
-            return cls(epochs=1, batch_size=16, learning_rate=1e-5, eval_every=50, score_batch_size=64)
-        return cls()
+            config = cls(epochs=1, batch_size=16, learning_rate=1e-5, warmup_steps=11,  # 5% of ~225 steps
+                         eval_every=50, score_batch_size=64)
+        else:
+            config = cls()
+        return with_overrides(config, overrides)
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimiser steps of the run for ``n_train`` training pairs (the last batch of an epoch
+        holds what is left)."""
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * steps_per_epoch(n_train, self.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,72 +238,54 @@ def pairwise_accuracy(reward_model, tokenizer, records: Sequence[dict], batch_si
 
 
 def train_reward_model(reward_model, tokenizer, train_records: Sequence[dict],
-                       held_out_records: Sequence[dict], config: RewardModelConfig,
-                       progress: bool = True) -> tuple[GPT2ForSequenceClassification, list[dict]]:
+                       heldout_records: Sequence[dict], config: RewardModelConfig, progress: bool = True,
+                       out_dir: str | Path | None = None, resume: bool = True,
+                       stop_after_steps: int | None = None,
+                       callback: Callable[[dict], None] | None = None,
+                       ) -> tuple[GPT2ForSequenceClassification, list[dict]]:
     """Fit r_phi to the labels with the Bradley-Terry loss; returns ``(reward_model, history)``.
 
-    ``history`` has one dict per step: ``step``, ``epoch``, ``lr``, ``train_loss`` and
-    ``train_accuracy`` (on that step's pairs); every ``eval_every`` steps (and at step 0 and at the
-    end) also ``held_out_accuracy_labels``, ``held_out_accuracy_gold`` and ``held_out_loss``.
-    Only the labels (chosen vs rejected) are used; the gold scores are read for the accuracy
-    against gold only.
-    """
-    from tqdm.auto import tqdm
+    ``history`` has one dict per step: ``step``, ``epoch`` (passes so far), ``lr``, ``grad_norm``,
+    ``loss`` and ``accuracy`` (on that step's pairs); every ``eval_every`` steps and at the end
+    (and in row 0, before training) also ``heldout_accuracy_labels``, ``heldout_accuracy_gold``
+    and ``heldout_loss``. Only the labels (chosen vs rejected) are used; the gold scores are read
+    for the accuracy against gold only. ``callback(record)`` runs after every step.
 
+    With ``out_dir``: a resumable checkpoint every ``config.checkpoint_every`` steps in
+    ``out_dir/checkpoint`` (``resume=True`` continues from it); ``stop_after_steps`` ends this call
+    early after saving one. Nothing else is written: the model is finished (``fit_normalization``)
+    and saved by the caller, whose save replaces the folder holding the checkpoint.
+    """
     if not train_records:
         raise ValueError("no training pairs")
-    generator = seed_everything(config.seed)
+    seed_everything(config.seed)
     device = _device(reward_model)
     max_length = reward_model.config.n_positions
-    steps_per_epoch = math.ceil(len(train_records) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = max(1, round(config.warmup * total_steps))
-    # Decay matrices only; biases and LayerNorm gains stay free (as in pretraining).
-    decay = [p for p in reward_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in reward_model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+    per_epoch = steps_per_epoch(len(train_records), config.batch_size)
 
-    def evaluate(record: dict) -> None:
-        if held_out_records:
-            metrics = pairwise_accuracy(reward_model, tokenizer, held_out_records, config.score_batch_size)
-            record.update(held_out_accuracy_labels=metrics["accuracy_labels"],
-                          held_out_accuracy_gold=metrics["accuracy_gold"], held_out_loss=metrics["loss"])
+    def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
+        pairs = [train_records[i] for i in batch_rows(step, len(train_records), config.batch_size, config.seed)]
+        batch = _pair_batch(tokenizer, pairs, max_length).to(device)
+        scores = score_batch(reward_model, batch.input_ids, batch.attention_mask, normalize=False)  # (2n,)
+        chosen_scores, rejected_scores = scores[:len(pairs)], scores[len(pairs):]  # (n,), (n,)
+        accuracy = (chosen_scores > rejected_scores).float().mean().item()
+        return bradley_terry_loss(chosen_scores, rejected_scores), {"accuracy": accuracy,
+                                                                    "epoch": (step + 1) / per_epoch}
 
-    history: list[dict] = []
-    start_record = {"step": 0, "epoch": 0.0}
-    evaluate(start_record)  # before training: chance level, for the learning curve
-    history.append(start_record)
-    bar = tqdm(total=total_steps, desc="training reward model", disable=not progress)
-    step = 0
-    for epoch in range(config.epochs):
-        order = torch.randperm(len(train_records), generator=generator).tolist()
-        for start in range(0, len(order), config.batch_size):
-            reward_model.train()
-            pairs = [train_records[i] for i in order[start:start + config.batch_size]]
-            batch = _pair_batch(tokenizer, pairs, max_length).to(device)
-            lr = cosine_with_warmup(step, total_steps, warmup_steps, config.learning_rate)
-            set_learning_rate(optimizer, lr)
-            scores = score_batch(reward_model, batch.input_ids, batch.attention_mask, normalize=False)  # (2n,)
-            chosen_scores, rejected_scores = scores[:len(pairs)], scores[len(pairs):]  # (n,), (n,)
-            loss = bradley_terry_loss(chosen_scores, rejected_scores)
-            check_finite(loss, "reward-model loss", step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(reward_model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            step += 1
-            record = {"step": step, "epoch": epoch + (start + len(pairs)) / len(order), "lr": lr,
-                      "train_loss": loss.item(),
-                      "train_accuracy": (chosen_scores > rejected_scores).float().mean().item()}
-            if (config.eval_every and step % config.eval_every == 0) or step == total_steps:
-                evaluate(record)
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}",
-                            held_out=f"{history_last(history, 'held_out_accuracy_labels'):.3f}")
-    bar.close()
-    reward_model.eval()
+    def evaluate() -> dict:
+        metrics = pairwise_accuracy(reward_model, tokenizer, heldout_records, config.score_batch_size)
+        return {"heldout_accuracy_labels": metrics["accuracy_labels"],
+                "heldout_accuracy_gold": metrics["accuracy_gold"], "heldout_loss": metrics["loss"]}
+
+    checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    history = train_loop(
+        reward_model, adamw(reward_model, config.learning_rate, config.weight_decay), loss_on_step,
+        steps=config.total_steps(len(train_records)), learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm, name="reward-model",
+        description="training reward model", evaluate=evaluate if heldout_records else None,
+        eval_every=config.eval_every, checkpoint_dir=checkpoint, checkpoint_every=config.checkpoint_every,
+        identity={"config": asdict(config), "data": fingerprint([list(train_records), list(heldout_records)])},
+        resume=resume, stop_after_steps=stop_after_steps, callback=callback, progress=progress)
     return reward_model, history
 
 
@@ -346,99 +342,3 @@ def load_reward_model(folder: str | Path, device: torch.device | str | None = No
     if device is not None:
         model.to(device)
     return model.eval()
-
-
-def reward_model_path(profile: Profile) -> Path:
-    return cache_dir() / profile.name / "reward_model"
-
-
-def normalization_samples(policy, tokenizer, profile: Profile, config: RewardModelConfig,
-                          max_new_tokens: int | None = None) -> tuple[list[str], list[str], list[bool]]:
-    """Fresh samples of the SFT policy (prompts, responses, ended) for ``fit_normalization``: the
-    last train prompts, a sampling seed unlike the preference data's."""
-    from .generation import sample_responses
-    from .prompts import load_prompts
-
-    prompts = load_prompts(profile, "train")[-config.n_normalization_prompts:]
-    responses, ended = sample_responses(policy, tokenizer, prompts, max_new_tokens or profile.max_new_tokens,
-                                        temperature=1.0, batch_size=profile.generation_batch_size,
-                                        seed=config.seed + 1000)
-    return prompts, responses, ended
-
-
-def _data_fingerprint(profile: Profile) -> str | None:
-    """The SFT model and preference file the reward model is built from (None: not built yet)."""
-    from .preferences import preferences_path, sft_fingerprint
-
-    settings = preferences_path(profile).with_suffix(".config.json")
-    if sft_fingerprint(profile) is None or not settings.exists():
-        return None
-    return settings.read_text()
-
-
-def finish_reward_model(reward_model, tokenizer, policy, profile: Profile, config: RewardModelConfig,
-                        train_records: Sequence[dict], held_out_records: Sequence[dict],
-                        history: list[dict], seconds: float) -> dict:
-    """After training: normalise on fresh SFT samples, measure, and save to the profile's cache.
-    Returns the metrics (also written to ``metrics.json`` next to the weights)."""
-    from .gold import gold_scores
-    from .preferences import PreferenceConfig, gold_agreement, labeler_accuracy_cap
-
-    prompts, responses, ended = normalization_samples(policy, tokenizer, profile, config)
-    raw = fit_normalization(reward_model, tokenizer, prompts, responses, ended, config.score_batch_size)
-    rewards = score_texts(reward_model, tokenizer, prompts, responses, config.score_batch_size, ended=ended)
-    golds = gold_scores(prompts, responses, ended)  # for the learner's measurement only
-    held_out = pairwise_accuracy(reward_model, tokenizer, held_out_records, config.score_batch_size)
-    labeler_temperature = PreferenceConfig.for_profile(profile).labeler_temperature
-    metrics = {
-        "profile": profile.name,
-        "train_pairs": len(train_records),
-        "held_out_pairs": len(held_out_records),
-        "held_out_accuracy_labels": held_out["accuracy_labels"],
-        "held_out_accuracy_gold": held_out["accuracy_gold"],
-        "held_out_loss": held_out["loss"],
-        "labeler_accuracy_cap": labeler_accuracy_cap(held_out_records, labeler_temperature),
-        "labels_agree_with_gold": gold_agreement(held_out_records),
-        "reward_gold_correlation": float(np.corrcoef(rewards, golds)[0, 1]),
-        "raw_score_mean": raw["mean"],
-        "raw_score_std": raw["std"],
-        "training_seconds": round(seconds, 1),
-        "config": asdict(config),
-        "data": _data_fingerprint(profile),  # which SFT model and preference pairs it was trained on
-        "history": history,
-    }
-    save_reward_model(reward_model, reward_model_path(profile), tokenizer, metrics)
-    return metrics
-
-
-def load_or_train_reward_model(profile: Profile | None = None, device=None, progress: bool = True,
-                               config: RewardModelConfig | None = None):
-    """The profile's reward model from ``cache_dir()/<profile>/reward_model``, or trained (with its
-    SFT model and preference pairs built first when missing). Returns
-    ``(reward_model, tokenizer, metrics)``; the model is normalised (SFT samples score 0 +- 1)."""
-    from .preferences import load_or_build_preferences, split_preferences
-    from .tokenizer import load_tokenizer
-
-    profile = profile or get_profile()
-    device = device or select_device()
-    config = config or RewardModelConfig.for_profile(profile)
-    folder = reward_model_path(profile)
-    metrics_file = folder / "metrics.json"
-    if (folder / "model.safetensors").exists() and metrics_file.exists():
-        metrics = json.loads(metrics_file.read_text())
-        if metrics.get("config") == asdict(config) and metrics.get("data") == _data_fingerprint(profile):
-            return load_reward_model(folder, device), load_tokenizer(profile.tokenizer), metrics
-
-    from .sft import load_or_train_sft
-
-    policy, _reference, tokenizer = load_or_train_sft(profile, device=device, progress=progress)
-    records = load_or_build_preferences(profile, device=device, progress=progress)
-    train_records, held_out_records = split_preferences(records, config.held_out_fraction, config.seed)
-    seed_everything(config.seed)
-    reward_model = reward_model_from_policy(policy)
-    started = time.perf_counter()
-    reward_model, history = train_reward_model(reward_model, tokenizer, train_records, held_out_records,
-                                               config, progress)
-    metrics = finish_reward_model(reward_model, tokenizer, policy, profile, config, train_records,
-                                  held_out_records, history, time.perf_counter() - started)
-    return reward_model, tokenizer, metrics

@@ -21,10 +21,11 @@ call it step 1, SFT on labeler demonstrations). Two details make it differ from 
   response token.
 
 The loss is the mean over all response tokens of the batch (long responses weigh more, as in
-Hugging Face's ``labels=`` loss). Training uses AdamW, linear warmup then cosine decay, gradient
-clipping, the NaN guard and resumable checkpoints from ``rlhf_core.training``: an interrupted run
-resumed with ``resume=True`` ends with the same weights, bit for bit on CPU, because the batch of
-every step is a pure function of (seed, step) and all the rest is restored from the checkpoint.
+Hugging Face's ``labels=`` loss). Training is the course's one loop (``rlhf_core.loop.train_loop``):
+AdamW, linear warmup then cosine decay, gradient clipping, the NaN guard and resumable
+checkpoints. An interrupted run resumed with ``resume=True`` ends with the same weights, bit for
+bit on CPU, because the batch of every step is a pure function of (seed, step) and all the rest
+is restored from the checkpoint.
 
 What SFT can reach: a model that imitates the demonstrators perfectly writes like their *average*,
 so its gold is (at best) the demonstrators' mean gold, the imitation ceiling. ``frozen_reference``
@@ -40,24 +41,20 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
 import time
-import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .batching import TokenBatch, encode_responses, pack
-from .config import Profile, cache_dir, get_profile, seed_everything, select_device
+from .config import Profile, get_profile, seed_everything, with_overrides
 from .logprobs import forward_logits
-from .models import disable_dropout, load_causal_lm
-from .tokenizer import load_tokenizer
-from .training import check_finite, cosine_with_warmup, load_checkpoint, save_checkpoint, set_learning_rate
+from .loop import batch_rows, save_final, steps_done, steps_per_epoch, train_loop
+from .models import disable_dropout
+from .training import adamw
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: "no loss at this position"
 SUMMARY_FILE = "sft_summary.json"
@@ -79,22 +76,24 @@ class SFTConfig:
     seed: int = 0  # batch order (and every other random state)
 
     @classmethod
-    def for_profile(cls, profile: Profile | str | None = None) -> "SFTConfig":
-        """The defaults the course uses (and caches) for a profile."""
+    def for_profile(cls, profile: Profile | str | None = None, **overrides) -> SFTConfig:
+        """The defaults the course uses (and caches) for a profile, with ``overrides`` applied."""
         profile = _profile(profile)
         if profile.name == "tiny":
-            return cls()
-        if profile.name == "small":
-            return cls(learning_rate=5e-4)
-        # gpt2: a 124M model pretrained on the web; a gentle learning rate, shorter responses
-        return cls(batch_size=16, learning_rate=5e-5, warmup_steps=30, max_response_tokens=profile.max_new_tokens - 1,
-                   eval_every=50)
+            config = cls()
+        elif profile.name == "small":
+            config = cls(learning_rate=5e-4)
+        else:  # gpt2: a 124M model pretrained on the web; a gentle learning rate, shorter responses
+            config = cls(batch_size=16, learning_rate=5e-5, warmup_steps=30,
+                         max_response_tokens=profile.max_new_tokens - 1, eval_every=50)
+        return with_overrides(config, overrides)
 
     def total_steps(self, n_train: int) -> int:
-        """Optimiser steps of the run for ``n_train`` training demonstrations."""
+        """Optimiser steps of the run for ``n_train`` training demonstrations (an epoch drops the
+        incomplete last batch)."""
         if self.steps is not None:
             return self.steps
-        return max(1, round(self.epochs * (n_train // self.batch_size)))
+        return max(1, round(self.epochs * steps_per_epoch(n_train, self.batch_size, drop_last=True)))
 
 
 def _profile(profile: Profile | str | None) -> Profile:
@@ -159,16 +158,6 @@ def data_fingerprint(prompts: Sequence[str], responses: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def batch_rows(step: int, n_train: int, batch_size: int, seed: int) -> list[int]:
-    """The training rows of ``step``: epoch e is a random permutation drawn from (seed, e) alone,
-    cut into ``n_train // batch_size`` batches (the incomplete last one is dropped). A pure
-    function of the step, so a resumed run draws the same batches."""
-    per_epoch = n_train // batch_size
-    epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[index * batch_size:(index + 1) * batch_size].tolist()
-
-
 @torch.no_grad()
 def heldout_loss(model, prompt_ids, response_ids, pad_id: int, batch_size: int = 128) -> float:
     """Mean response-token loss over held-out demonstrations (every response token weighs the same)."""
@@ -193,16 +182,18 @@ def history_series(history: list[dict], key: str) -> tuple[list[int], list[float
 
 
 def train_sft(model, tokenizer, records, config: SFTConfig | None = None, out_dir: str | Path | None = None,
-              resume: bool = True, progress: bool = True, stop_after_steps: int | None = None):
+              resume: bool = True, progress: bool = True, stop_after_steps: int | None = None,
+              callback: Callable[[dict], None] | None = None):
     """Fine-tune ``model`` (in place, on its own device) on demonstrations; returns ``(model, history)``.
 
     ``records``: a ``datasets.Dataset`` or a list of dicts with ``prompt`` and ``response`` (other
     columns, like ``gold``, are ignored). The last ``config.heldout_records`` are held out.
 
     ``history`` is a list of dicts, one per step: ``step`` (steps done), ``loss`` (train loss of the
-    step's batch), ``lr``, ``grad_norm`` (before clipping), ``tokens`` (response tokens trained on so
-    far) and, every ``eval_every`` steps, ``heldout_loss``. Row 0 (step 0) holds the held-out loss
-    before training. ``history_series`` pulls one metric out for plotting.
+    step's batch), ``lr``, ``grad_norm`` (before clipping), ``response_tokens`` (in the step's
+    batch: the tokens the loss is over) and, every ``eval_every`` steps, ``heldout_loss``. Row 0 (step 0) holds the
+    held-out loss before training. ``history_series`` pulls one metric out for plotting.
+    ``callback(record)`` runs after every step.
 
     With ``out_dir``: a resumable checkpoint every ``config.checkpoint_every`` steps in
     ``out_dir/checkpoint`` (``resume=True`` continues from it), and at the end the model
@@ -219,7 +210,7 @@ def train_sft(model, tokenizer, records, config: SFTConfig | None = None, out_di
                          f"{n_heldout}: fewer than one batch of {config.batch_size}")
     total_steps = config.total_steps(n_train)
     device = next(model.parameters()).device
-    generator = seed_everything(config.seed)
+    seed_everything(config.seed)
 
     # Tokenize once: prompt ids, and response ids cut to max_response_tokens with EOS appended.
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -227,73 +218,28 @@ def train_sft(model, tokenizer, records, config: SFTConfig | None = None, out_di
     train_prompts, train_responses = prompt_ids[:n_train], response_ids[:n_train]
     heldout_prompts, heldout_responses = prompt_ids[n_train:], response_ids[n_train:]
     pad_id = tokenizer.pad_token_id
-
     disable_dropout(model)
-    # Decay matrices only; biases and LayerNorm gains stay free (as in GPT-2 and nanoGPT).
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=config.learning_rate, betas=(0.9, 0.95))
+
+    def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
+        rows = batch_rows(step, n_train, config.batch_size, config.seed, drop_last=True)
+        batch = _pack_with_labels([train_prompts[i] for i in rows], [train_responses[i] for i in rows],
+                                  pad_id).to(device)
+        return sft_loss(model, batch), {"response_tokens": int(batch.response_mask.sum())}
+
+    def evaluate() -> dict:
+        return {"heldout_loss": heldout_loss(model, heldout_prompts, heldout_responses, pad_id)}
 
     identity = {"config": asdict(config), "data": data_fingerprint(prompts, responses)}
     checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
-    history: list[dict] = []
-    start_step, tokens_seen = 0, 0
-    if resume and checkpoint is not None and (checkpoint / "training_state.pt").exists():
-        saved = torch.load(checkpoint / "training_state.pt", weights_only=True)["extra"].get("identity")
-        if saved == identity:
-            restored = load_checkpoint(checkpoint, model, optimizer, generator)
-            start_step, history = restored["step"], restored["history"]
-            tokens_seen = history[-1]["tokens"] if history else 0
-        else:
-            warnings.warn(f"the checkpoint in {checkpoint} was made with another config or other data: "
-                          f"ignoring it and starting over")
-    if not history and heldout_prompts:
-        history.append({"step": 0, "tokens": 0,
-                        "heldout_loss": heldout_loss(model, heldout_prompts, heldout_responses, pad_id)})
-
     started = time.perf_counter()
-    bar = tqdm(range(start_step, total_steps), desc="SFT", disable=not progress, initial=start_step,
-               total=total_steps)
-    for step in bar:
-        if stop_after_steps is not None and step - start_step >= stop_after_steps:
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, model, optimizer, step, history, generator, {"identity": identity})
-            bar.close()
-            return model, history
-        model.train()
-        lr = cosine_with_warmup(step, total_steps, config.warmup_steps, config.learning_rate)
-        set_learning_rate(optimizer, lr)
-        rows = batch_rows(step, n_train, config.batch_size, config.seed)
-        batch = _pack_with_labels([train_prompts[i] for i in rows], [train_responses[i] for i in rows],
-                                  pad_id).to(device)
-        loss = sft_loss(model, batch)
-        check_finite(loss, "SFT loss", step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        check_finite(grad_norm, "SFT gradient norm", step)
-        optimizer.step()
-        tokens_seen += int(batch.response_mask.sum())
-        record = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens": tokens_seen}
-        if heldout_prompts and ((step + 1) % config.eval_every == 0 or step + 1 == total_steps):
-            record["heldout_loss"] = heldout_loss(model, heldout_prompts, heldout_responses, pad_id)
-            check_finite(record["heldout_loss"], "SFT held-out loss", step)
-        history.append(record)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
-                and step + 1 < total_steps):
-            save_checkpoint(checkpoint, model, optimizer, step + 1, history, generator, {"identity": identity})
-    bar.close()
-    model.eval()
+    history = train_loop(
+        model, adamw(model, config.learning_rate, config.weight_decay, betas=(0.9, 0.95)), loss_on_step,
+        steps=total_steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm, name="SFT", evaluate=evaluate if heldout_prompts else None,
+        eval_every=config.eval_every, checkpoint_dir=checkpoint, checkpoint_every=config.checkpoint_every,
+        identity=identity, resume=resume, stop_after_steps=stop_after_steps, callback=callback, progress=progress)
 
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+    if out_dir is not None and steps_done(history) == total_steps:
         heldout = [row["heldout_loss"] for row in history if "heldout_loss" in row]
         summary = {
             "finished": True,
@@ -307,72 +253,5 @@ def train_sft(model, tokenizer, records, config: SFTConfig | None = None, out_di
             "seconds_this_run": round(time.perf_counter() - started, 2),
             "history": history,
         }
-        partial = out_dir / f"{SUMMARY_FILE}.{os.getpid()}.partial"
-        partial.write_text(json.dumps(summary, indent=1))
-        partial.replace(out_dir / SUMMARY_FILE)  # written last: its presence means "complete"
-        if checkpoint.exists():
-            shutil.rmtree(checkpoint)  # finished: the final weights replace the resumable state
+        save_final(out_dir, model, SUMMARY_FILE, summary, tokenizer)
     return model, history
-
-
-# ----- the course's cached SFT model ------------------------------------------------------------
-def sft_dir(profile: Profile | str | None = None) -> Path:
-    """Where the profile's SFT model lives: ``cache_dir()/<profile>/sft``."""
-    return cache_dir() / _profile(profile).name / "sft"
-
-
-def load_sft_summary(folder: str | Path) -> dict | None:
-    """The ``sft_summary.json`` of a finished run (config, history, ...), or None."""
-    path = Path(folder) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def is_cached_sft(folder: str | Path, config: SFTConfig, records=None) -> bool:
-    """True when ``folder`` holds a finished SFT run made with exactly ``config`` (and, when
-    ``records`` are given, on exactly those demonstrations)."""
-    summary = load_sft_summary(folder)
-    if summary is None or not summary.get("finished") or summary.get("config") != asdict(config):
-        return False
-    if records is not None and summary.get("data") != data_fingerprint(*_columns(records)):
-        return False
-    return (Path(folder) / "model.safetensors").exists()
-
-
-def load_base_model(profile: Profile | str | None = None, device: torch.device | str | None = None):
-    """The profile's pretrained base model (an offline base that is missing is pretrained first)."""
-    profile = _profile(profile)
-    if profile.offline and not (Path(profile.base_model) / "model.safetensors").exists():
-        from .pretrain import pretrain
-
-        print(f"no base model at {profile.base_model}: pretraining it now (one time)")
-        pretrain(profile, profile.base_model, tokenizer=load_tokenizer(profile.tokenizer), device=device or "cpu")
-    return load_causal_lm(profile.base_model, device=device)
-
-
-def load_or_train_sft(profile: Profile | str | None = None, device: torch.device | str | None = None,
-                      progress: bool = True):
-    """``(policy, reference, tokenizer)``: the profile's SFT model and its frozen copy pi_ref.
-
-    Loads ``cache_dir()/<profile>/sft`` when it holds a finished run with the profile's default
-    ``SFTConfig.for_profile`` on the current standard demonstrations; otherwise fine-tunes the base model on the standard demonstrations
-    (``load_or_write_demonstrations``) and saves it there first (an interrupted training resumes
-    from its checkpoint). Both paths return the same weights: the model is always read back from
-    the folder. The policy is in eval mode (dropout is off anyway) with gradients enabled.
-    """
-    from .demonstrations import load_or_write_demonstrations
-
-    profile = _profile(profile)
-    device = select_device(device) if device is None or isinstance(device, str) else device
-    tokenizer = load_tokenizer(profile.tokenizer)
-    folder = sft_dir(profile)
-    config = SFTConfig.for_profile(profile)
-    records = load_or_write_demonstrations(profile)
-    if not is_cached_sft(folder, config, records):
-        if (folder / SUMMARY_FILE).exists():
-            print(f"the SFT model in {folder} was trained with another config or on other demonstrations: "
-                  f"training it again")
-            (folder / SUMMARY_FILE).unlink()
-        base = load_base_model(profile, device)
-        train_sft(base, tokenizer, records, config, out_dir=folder, resume=True, progress=progress)
-    policy = load_causal_lm(folder, device=device)
-    return policy, frozen_reference(policy), tokenizer

@@ -20,6 +20,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from .models import pretrained_error
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -53,8 +55,6 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
     Tokenizers without a pad token (the real GPT-2) get pad = EOS; everything downstream uses the
     attention mask, never pad ids, to tell real tokens from padding.
     """
-    from .models import pretrained_error  # local import: models imports this module's constants
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except OSError as error:

@@ -1,5 +1,7 @@
-"""What every training loop of the course shares: the learning-rate schedule, the NaN guard, and
-checkpoints that let an interrupted run (a Colab disconnect) resume to the same result.
+"""What every training loop of the course shares: the optimizer, the learning-rate schedule, the
+NaN guard, and checkpoints that let an interrupted run (a Colab disconnect) resume to the same
+result. ``rlhf_core.loop`` puts them together for pretraining, SFT, the reward model and DPO; the
+PPO loop (``rlhf_core.rlhf``) uses them directly.
 
 A checkpoint folder holds:
 
@@ -17,11 +19,13 @@ import json
 import math
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,6 +51,16 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, peak_lr: 
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return peak_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float,
+          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, in two groups: matrices (and embeddings) decayed;
+    biases and LayerNorm gains (the 1-d parameters) not, as in GPT-2 and nanoGPT."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=learning_rate, betas=betas)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -108,8 +122,6 @@ def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer 
                     generator: torch.Generator | None = None) -> dict[str, Any]:
     """Load weights, optimizer and random states saved by ``save_checkpoint`` into the given
     objects; returns ``{"step", "history", "extra"}``."""
-    from safetensors.torch import load_model
-
     folder = Path(folder)
     missing, unexpected = load_model(model, folder / "model.safetensors", strict=False)
     # save_pretrained stores tied weights once (GPT-2's LM head is its token embedding)
@@ -124,3 +136,35 @@ def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer 
         optimizer.load_state_dict(state["optimizer"])
     restore_rng_states(state["rng"], generator)
     return {"step": state["step"], "history": json.loads(state["history"]), "extra": state["extra"]}
+
+
+class InterruptGuard:
+    """Holds a Ctrl-C (SIGINT, or a notebook's interrupt button) that arrives while ``busy``: the
+    handler only sets ``requested``, the training loop finishes its step or iteration, saves a
+    checkpoint of whole steps only, says where the next run resumes and stops. A second Ctrl-C, or
+    one while not busy, interrupts at once. Every trainer of the course (``loop.train_loop``, PPO,
+    the critic-free loop) uses it. Outside the main thread signals cannot be caught: nothing is held."""
+
+    def __init__(self):
+        self.busy = False  # inside an iteration
+        self.requested = False  # a Ctrl-C arrived while busy
+        self.previous = None  # the SIGINT handler to restore; None: ours was never installed
+
+    def __enter__(self) -> InterruptGuard:
+        try:
+            previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            return self
+        # None: a handler installed outside Python, which cannot be put back; Python's usual one then
+        self.previous = signal.default_int_handler if previous is None else previous
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.busy and not self.requested:
+            self.requested = True
+            return
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

@@ -6,8 +6,19 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_core.best_of_n import (analytic_kl, best_of_n, best_of_n_probabilities, discrete_kl,
-                                 expected_best_of_n, kl_from_samples, measure_kl, select_best)
+from rlhf_core.best_of_n import (
+    analytic_kl,
+    best_of_k_curve,
+    best_of_n,
+    best_of_n_probabilities,
+    candidates_from_rows,
+    discrete_kl,
+    expected_best_of_n,
+    kl_from_samples,
+    measure_kl,
+    sample_candidates,
+    select_best,
+)
 from rlhf_core.generation import sample_responses
 from rlhf_core.gold import gold_scores
 from rlhf_core.models import load_causal_lm
@@ -96,6 +107,45 @@ def test_best_of_1_is_plain_sampling(base_model, tokenizer, tiny_profile):
     responses, ended = sample_responses(base_model, tokenizer, prompts, 32, batch_size=8, seed=5)
     assert result.responses == responses and result.ended == ended
     assert result.all_scores.shape == (12, 1) and (result.chosen_index == 0).all()
+
+
+def test_candidates_are_sample_responses_on_the_repeated_prompts(random_tiny_model, tokenizer, tiny_profile):
+    """What ``sample_candidates`` promises: rows j * P + i of ``sample_responses(prompts * n)``; its first
+    sample of each prompt is ``sample_responses(prompts)``'s only when the batches line up."""
+    prompts = load_prompts(tiny_profile, "eval", 6)
+    candidates, ended = sample_candidates(random_tiny_model, tokenizer, prompts, 3, 12, seed=2, batch_size=4)
+    responses, flags = sample_responses(random_tiny_model, tokenizer, prompts * 3, 12, batch_size=4, seed=2)
+    assert candidates == [[responses[j * 6 + i] for j in range(3)] for i in range(6)]
+    assert ended == [[flags[j * 6 + i] for j in range(3)] for i in range(6)]
+    first = [row[0] for row in candidates]
+    # 6 prompts, batches of 4: the second batch of the repeated prompts holds prompts 4, 5, 0, 1, so
+    # prompts 4 and 5 are drawn alongside other rows than in sample_responses(prompts) (prompts 4, 5 alone)
+    plain, _ = sample_responses(random_tiny_model, tokenizer, prompts, 12, batch_size=4, seed=2)
+    assert first[:4] == plain[:4] and first[4:] != plain[4:]
+    # 4 prompts, batches of 4: the batches line up, and the first samples are exactly plain sampling
+    lined_up, _ = sample_candidates(random_tiny_model, tokenizer, prompts[:4], 3, 12, seed=2, batch_size=4)
+    assert [row[0] for row in lined_up] == plain[:4]
+
+
+def test_candidates_from_rows_regroups_per_prompt():
+    rows = ["a0", "b0", "a1", "b1", "a2", "b2"]  # prompts a and b, three samples each
+    candidates, ended = candidates_from_rows(rows, [True, False, True, True, False, True], 2)
+    assert candidates == [["a0", "a1", "a2"], ["b0", "b1", "b2"]]
+    assert ended == [[True, True, False], [False, True, True]]
+    with pytest.raises(ValueError, match="not n rows of 4 prompts"):
+        candidates_from_rows(rows, [True] * 6, 4)
+
+
+def test_best_of_k_curve_is_expected_best_of_n_at_each_k():
+    rng = np.random.default_rng(4)
+    rewards, golds = rng.normal(size=(5, 6)), rng.normal(size=(5, 6))
+    curve = best_of_k_curve(rewards, golds, 6)
+    assert curve["n"] == [1, 2, 4, 6]
+    for index, k in enumerate(curve["n"]):
+        assert curve["kl"][index] == pytest.approx(analytic_kl(k))
+        assert curve["gold"][index] == pytest.approx(expected_best_of_n(rewards, golds, k).mean())
+        assert curve["reward"][index] == pytest.approx(expected_best_of_n(rewards, rewards, k).mean())
+    assert curve["gold"][0] == pytest.approx(golds.mean())  # best-of-1 is the sampling policy itself
 
 
 def test_best_of_n_with_the_gold_raises_the_gold(base_model, tokenizer, tiny_profile):

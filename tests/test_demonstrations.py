@@ -3,9 +3,14 @@
 import numpy as np
 import pytest
 
-from rlhf_core.demonstrations import (DEMONSTRATION_SEED, DemonstratorConfig, demonstrations_path,
-                                      demonstrator_leanings, load_demonstrations, load_or_write_demonstrations,
-                                      mean_gold, save_demonstrations, write_demonstrations)
+from rlhf_core.demonstrations import (
+    DemonstratorConfig,
+    demonstrator_leanings,
+    load_demonstrations,
+    mean_gold,
+    save_demonstrations,
+    write_demonstrations,
+)
 from rlhf_core.gold import gold_score
 from rlhf_core.prompts import load_prompts
 
@@ -53,22 +58,3 @@ def test_jsonl_round_trip(tmp_path, prompts):
     assert dataset.num_rows == 64 and set(dataset.column_names) == set(records[0])
     assert [dict(row) for row in dataset] == records
     assert mean_gold(dataset) == pytest.approx(mean_gold(records))
-
-
-def test_load_or_write_writes_the_same_file_every_time(tmp_path, monkeypatch, tiny_profile):
-    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
-    path = demonstrations_path(tiny_profile)
-    assert path == tmp_path / "tiny" / "demonstrations.jsonl" and not path.exists()
-    dataset = load_or_write_demonstrations(tiny_profile)
-    assert dataset.num_rows == len(load_prompts(tiny_profile, "train"))
-    first = path.read_bytes()
-    assert load_or_write_demonstrations(tiny_profile).num_rows == dataset.num_rows  # read back, not rewritten
-    path.unlink()
-    load_or_write_demonstrations("tiny")
-    assert path.read_bytes() == first
-    meta = path.with_name("demonstrations.meta.json")
-    meta.write_text(meta.read_text().replace('"seed": 5000', '"seed": 1'))  # a file made another way
-    path.write_text(path.read_text().splitlines()[0] + "\n")
-    assert load_or_write_demonstrations(tiny_profile).num_rows == dataset.num_rows  # rewritten
-    assert path.read_bytes() == first
-    assert dataset[0]["response"] == write_demonstrations(dataset["prompt"][:1], seed=DEMONSTRATION_SEED)[0]["response"]

@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from rlhf_core.batching import encode_pairs
-from rlhf_core.dpo import (DPOConfig, batch_rows, cached_reference_logps, dpo_dir, dpo_loss, encode_preference_batch,
-                           pair_logps, precompute_reference_logps, reference_logps_for_rows, train_dpo, used_rows)
+from rlhf_core.dpo import (
+    DPOConfig,
+    dpo_loss,
+    encode_preference_batch,
+    pair_logps,
+    precompute_reference_logps,
+    reference_logps_for_rows,
+    train_dpo,
+    used_rows,
+)
 from rlhf_core.logprobs import sequence_logprobs
+from rlhf_core.loop import batch_rows
 from rlhf_core.models import load_causal_lm
 from rlhf_core.training import NonFiniteLossError
 from rlhf_core.world import ReviewWorld
@@ -129,9 +138,9 @@ def test_batches_cover_every_pair_once_per_epoch():
     config = DPOConfig(batch_size=4, epochs=3, seed=2)
     assert config.total_steps(10) == 9
     for epoch in range(3):
-        rows = [row for step in range(3 * epoch, 3 * epoch + 3) for row in batch_rows(step, 10, config)]
-        assert sorted(rows) == list(range(10))
-    assert batch_rows(0, 10, config) != batch_rows(3, 10, config)  # a new order each epoch
+        rows = [row for step in range(3 * epoch, 3 * epoch + 3) for row in batch_rows(step, 10, 4, config.seed)]
+        assert sorted(rows) == list(range(10))  # the last batch of an epoch holds what is left
+    assert batch_rows(0, 10, 4, config.seed) != batch_rows(3, 10, 4, config.seed)  # a new order each epoch
     assert DPOConfig(steps=5).total_steps(1000) == 5
 
 
@@ -140,24 +149,24 @@ def test_short_dpo_run_learns_the_world_preference_and_leaves_the_reference_alon
     32 held-out prompts; the reference and its log-probs do not move."""
     policy, reference = copy.deepcopy(base_model), copy.deepcopy(base_model)
     reference_state = {name: tensor.clone() for name, tensor in reference.state_dict().items()}
-    train, held_out = world_pairs(16, seed=1), world_pairs(32, seed=2)
-    ref_before = precompute_reference_logps(reference, tokenizer, held_out)
+    train, heldout = world_pairs(16, seed=1), world_pairs(32, seed=2)
+    ref_before = precompute_reference_logps(reference, tokenizer, heldout)
     config = DPOConfig(steps=8, batch_size=8, learning_rate=2e-3, warmup_steps=2, eval_every=4,
                        checkpoint_every=0, beta=0.1)
-    policy, history = train_dpo(policy, reference, tokenizer, train, held_out, config, progress=False)
+    policy, history = train_dpo(policy, reference, tokenizer, train, heldout, config, progress=False)
 
     start, end = history[0], history[-1]
-    assert start["step"] == 0 and start["held_out_loss"] == pytest.approx(math.log(2), abs=1e-5)  # pi = pi_ref
-    assert start["held_out_reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert start["step"] == 0 and start["heldout_loss"] == pytest.approx(math.log(2), abs=1e-5)  # pi = pi_ref
+    assert start["heldout_reward_margin"] == pytest.approx(0.0, abs=1e-5)
     assert end["step"] == 8 and len(history) == 9
     # measured on CPU: held-out loss 0.69 -> 0.54, margin 0 -> 0.53, accuracy 0 -> 0.88
-    assert end["held_out_loss"] < start["held_out_loss"] - 0.08
-    assert end["held_out_reward_margin"] > 0.25
-    assert end["held_out_accuracy"] >= 0.75
+    assert end["heldout_loss"] < start["heldout_loss"] - 0.08
+    assert end["heldout_reward_margin"] > 0.25
+    assert end["heldout_accuracy"] >= 0.75
     assert all(math.isfinite(h["loss"]) and 0 <= h["accuracy"] <= 1 for h in history[1:])
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, reference_state[name]), name
-    ref_after = precompute_reference_logps(reference, tokenizer, held_out)
+    ref_after = precompute_reference_logps(reference, tokenizer, heldout)
     assert torch.equal(ref_before[0], ref_after[0]) and torch.equal(ref_before[1], ref_after[1])
     assert not torch.equal(policy.lm_head.weight, reference.lm_head.weight)
 
@@ -169,22 +178,25 @@ def test_ipo_run_moves_towards_its_target_margin(base_model, tokenizer):
                        eval_every=0, checkpoint_every=0)
     policy, history = train_dpo(policy, reference, tokenizer, train, train, config, progress=False)
     # h starts at 0: the loss (0 - 1/(2 beta))^2 = 1 and falls as the margin grows towards 1/(2 beta)
-    assert history[0]["held_out_loss"] == pytest.approx(1.0, abs=1e-4)
-    assert history[-1]["held_out_loss"] < 0.8 and history[-1]["held_out_reward_margin"] > 0
+    assert history[0]["heldout_loss"] == pytest.approx(1.0, abs=1e-4)
+    assert history[-1]["heldout_loss"] < 0.8 and history[-1]["heldout_reward_margin"] > 0
 
 
 def test_interrupted_dpo_resumes_bit_exact(tmp_path, base_model, tokenizer):
-    train, held_out = world_pairs(12, seed=8), world_pairs(4, seed=9)
+    train, heldout = world_pairs(12, seed=8), world_pairs(4, seed=9)
     config = DPOConfig(steps=6, batch_size=4, learning_rate=1e-3, warmup_steps=2, eval_every=3,
                        checkpoint_every=2, seed=3)  # 3 steps per epoch: the run crosses an epoch
+    seen = []
     uninterrupted, full_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer,
-                                            train, held_out, config, out_dir=tmp_path / "a", progress=False)
+                                            train, heldout, config, out_dir=tmp_path / "a", progress=False,
+                                            callback=seen.append)
+    assert seen == full_history[1:]  # the callback gets every step's record
     _, partial_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
-                                   held_out, config, out_dir=tmp_path / "b", progress=False, stop_after_steps=3)
+                                   heldout, config, out_dir=tmp_path / "b", progress=False, stop_after_steps=3)
     assert len(partial_history) == 4 and (tmp_path / "b" / "checkpoint" / "training_state.pt").exists()
     torch.manual_seed(12345)  # the disconnect scrambles the global random state
     resumed, resumed_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
-                                         held_out, config, out_dir=tmp_path / "b", progress=False)
+                                         heldout, config, out_dir=tmp_path / "b", progress=False)
     assert resumed_history == full_history
     expected = uninterrupted.state_dict()
     for name, tensor in resumed.state_dict().items():
@@ -209,7 +221,7 @@ def test_nan_guard_and_shared_weights_are_refused(base_model, tokenizer):
 
 def test_used_rows_are_the_rows_the_batches_visit():
     config = DPOConfig(batch_size=4, steps=2, seed=1)  # 8 of 10 pairs: less than an epoch
-    assert used_rows(10, config) == sorted(batch_rows(0, 10, config) + batch_rows(1, 10, config))
+    assert used_rows(10, config) == sorted(batch_rows(0, 10, 4, seed=1) + batch_rows(1, 10, 4, seed=1))
     assert len(used_rows(10, config)) == 8
     assert used_rows(10, DPOConfig(batch_size=4, epochs=2)) == list(range(10))
 
@@ -217,7 +229,7 @@ def test_used_rows_are_the_rows_the_batches_visit():
 def test_a_short_run_needs_only_the_reference_log_probs_of_the_pairs_it_visits(base_model, tokenizer):
     """The reference log-probs computed for the visited rows only (NaN elsewhere), or all of them
     passed in by the caller: the same run, bit for bit."""
-    train, held_out = world_pairs(12, seed=13), world_pairs(4, seed=14)
+    train, heldout = world_pairs(12, seed=13), world_pairs(4, seed=14)
     config = DPOConfig(steps=2, batch_size=4, learning_rate=1e-3, warmup_steps=1, eval_every=0, checkpoint_every=0)
     rows = used_rows(len(train), config)
     assert len(rows) == 8
@@ -227,50 +239,14 @@ def test_a_short_run_needs_only_the_reference_log_probs_of_the_pairs_it_visits(b
     torch.testing.assert_close(lazy_chosen[rows], full[0][rows], atol=1e-4, rtol=1e-5)
 
     lazy_policy, lazy_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
-                                          held_out, config, progress=False)
+                                          heldout, config, progress=False)
     given_policy, given_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
-                                            held_out, config, progress=False, reference_logps=full,
-                                            held_out_reference_logps=precompute_reference_logps(base_model, tokenizer,
-                                                                                                held_out))
+                                            heldout, config, progress=False, reference_logps=full,
+                                            heldout_reference_logps=precompute_reference_logps(base_model, tokenizer,
+                                                                                               heldout))
     assert [h["loss"] for h in lazy_history[1:]] == pytest.approx([h["loss"] for h in given_history[1:]], abs=1e-5)
     for (name, tensor), other in zip(lazy_policy.state_dict().items(), given_policy.state_dict().values()):
         torch.testing.assert_close(tensor, other, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="aligned"):
-        train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train, held_out, config,
+        train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train, heldout, config,
                   progress=False, reference_logps=(full[0][:5], full[1][:5]))
-
-
-def test_reference_log_probs_file_computes_each_pair_once(tmp_path, tokenizer, random_tiny_model, monkeypatch):
-    import rlhf_core.dpo as dpo
-
-    pairs = world_pairs(6, seed=15)
-    path = tmp_path / "reference.json"
-    first = cached_reference_logps(path, "sft-1", random_tiny_model, tokenizer, pairs, rows=[0, 2, 3])
-    assert torch.isnan(first[0][[1, 4, 5]]).all() and path.exists()
-    computed = []
-    original = dpo.precompute_reference_logps
-
-    def counting(model, tok, records, *args):
-        computed.extend(records)
-        return original(model, tok, records, *args)
-
-    monkeypatch.setattr(dpo, "precompute_reference_logps", counting)
-    again = cached_reference_logps(path, "sft-1", random_tiny_model, tokenizer, pairs, rows=[0, 2, 3])
-    assert computed == []  # all read back from the file, to the bit
-    rows = [0, 2, 3]
-    assert torch.equal(again[0][rows], first[0][rows]) and torch.equal(again[1][rows], first[1][rows])
-    everything = cached_reference_logps(path, "sft-1", random_tiny_model, tokenizer, pairs)
-    assert computed == [pairs[1], pairs[4], pairs[5]]  # only the new ones
-    torch.testing.assert_close(everything, precompute_reference_logps(random_tiny_model, tokenizer, pairs))
-    computed.clear()
-    cached_reference_logps(path, "another SFT model", random_tiny_model, tokenizer, pairs)
-    assert len(computed) == 6  # another reference: nothing is reused
-
-
-def test_short_configs_get_their_own_cache_folder(tiny_profile):
-    default = DPOConfig.for_profile(tiny_profile)
-    assert dpo_dir(tiny_profile, 0.3).name == "dpo-beta0.3"
-    assert dpo_dir(tiny_profile, 0.3, default) == dpo_dir(tiny_profile, 0.3)  # the pipeline's run
-    short = DPOConfig.for_profile(tiny_profile, steps=10)
-    assert dpo_dir(tiny_profile, 0.3, short).name.startswith("dpo-beta0.3-")
-    assert dpo_dir(tiny_profile, 0.3, short) != dpo_dir(tiny_profile, 0.1, short)

@@ -5,8 +5,17 @@ import numpy as np
 import pytest
 
 from rlhf_core import world
-from rlhf_core.gold import (GoldConfig, PreferenceLabeler, gold_breakdown, gold_score, gold_scores,
-                            make_raters, repeated_trigram_fraction, sigmoid)
+from rlhf_core.gold import (
+    GoldConfig,
+    PreferenceLabeler,
+    gold_breakdown,
+    gold_score,
+    gold_scores,
+    make_raters,
+    mean_gold_breakdown,
+    repeated_trigram_fraction,
+    sigmoid,
+)
 
 PROMPT = "I watched The Quiet Harbor last night."
 
@@ -35,6 +44,22 @@ def test_missing_eos_and_unfinished_sentence_are_penalised():
     config = GoldConfig()
     assert gold_score(PROMPT, text, ended=False) == pytest.approx(gold_score(PROMPT, text) - config.no_eos_penalty)
     assert gold_score(PROMPT, " The music was great and", ended=True) < gold_score(PROMPT, text)
+
+
+def test_a_response_pays_one_ending_penalty_never_two():
+    """Cut off by the length limit, a response is mid-sentence by nature: it pays for not ending
+    (``no_eos_penalty``) and nothing more. The punctuation rule is for a response that chose to end."""
+    config = GoldConfig()
+    finished, unfinished = " The music was great.", " The music was great and the"
+    ending = {(text, ended): gold_breakdown(PROMPT, text, ended)["ending"]
+              for text in (finished, unfinished) for ended in (True, False)}
+    assert ending[finished, True] == 0.0
+    assert ending[unfinished, True] == -config.no_final_punctuation_penalty  # ended, but mid-sentence
+    assert ending[finished, False] == -config.no_eos_penalty
+    assert ending[unfinished, False] == -config.no_eos_penalty  # not -(0.5 + 0.25)
+    # the other parts do not care how the response ended: gold moves by exactly the ending penalty
+    assert gold_score(PROMPT, unfinished, ended=False) == pytest.approx(
+        gold_score(PROMPT, unfinished, ended=True) + config.no_final_punctuation_penalty - config.no_eos_penalty)
 
 
 def test_rambling_past_the_natural_length_is_penalised():
@@ -96,8 +121,6 @@ def test_raters_disagree_on_absolute_scores_but_rank_alike():
 
 
 def test_mean_gold_breakdown_averages_each_part():
-    from rlhf_core.gold import gold_scores, mean_gold_breakdown
-
     prompts = ["Zorvath is a western.", "I watched Nimbrook."]
     responses = [" The acting was great. The acting was great. The acting was great.", " Dull and not bad"]
     ended = [True, False]

@@ -1,4 +1,5 @@
-"""``python -m rlhf_core run``: the whole pipeline on the tiny profile, its claims, its cache, ``--fresh``.
+"""``python -m rlhf_core run``: the whole pipeline on the tiny profile, its claims, its cache, ``--fresh``;
+and the report and figures (``rlhf_core.report``) written from a run's results.
 
 The module's first test runs the real tiny pipeline once, in the shared cache folder (``cache/``):
 what it builds (SFT, reward model, PPO, DPO) is what the notebooks load afterwards.
@@ -8,13 +9,15 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 
+from rlhf_core import stages
 from rlhf_core.__main__ import main
 from rlhf_core.best_of_n import analytic_kl
 from rlhf_core.config import get_profile
-from rlhf_core.pipeline import (FIGURES, STAGES, PipelineConfig, clear_stages, stage_file, stage_paths,
-                                stages_from)
+from rlhf_core.pipeline import STAGES, PipelineConfig, clear_measurements, stage_file, stages_from
+from rlhf_core.report import FIGURES, claims, collect_metrics, plain_json, results_table, write_json, write_outputs
 
 POLICY_STAGES = ("base", "demonstrations", "sft", "ppo", "dpo", "best_of_n")
 
@@ -100,7 +103,6 @@ def test_a_second_run_reuses_every_stage(first_run, tmp_path, capsys):
 
 def test_fresh_rebuilds_the_chosen_stage_and_leaves_the_others(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
-    profile = get_profile("tiny")
     out = tmp_path / "out"
     command = ["run", "--profile", "tiny", "--out", str(out), "--until", "demonstrations", "--device", "cpu"]
 
@@ -108,27 +110,21 @@ def test_fresh_rebuilds_the_chosen_stage_and_leaves_the_others(tmp_path, monkeyp
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["seconds"]) == {"base", "demonstrations", "total"} and "sft" not in metrics
     assert metrics["cached"] == {"base": False, "demonstrations": False}
-    demonstrations = stage_paths(profile, "demonstrations")[0]
-    original = demonstrations.read_text()
+    demonstrations = stages.ensure_demonstrations("tiny").folder / stages.DEMONSTRATIONS_FILE
+    written = demonstrations.stat().st_mtime_ns
 
     assert main(command) == 0  # everything reused
     assert json.loads((out / "metrics.json").read_text())["cached"] == {"base": True, "demonstrations": True}
+    assert demonstrations.stat().st_mtime_ns == written
 
-    # Spoil the cached demonstrations: a plain rerun keeps the file (and measures it again) ...
-    demonstrations.write_text(original + original.splitlines(keepends=True)[0])
-    assert main(command) == 0
-    spoiled = json.loads((out / "metrics.json").read_text())
-    assert spoiled["demonstrations"]["train_records"] == metrics["demonstrations"]["train_records"] + 1
-    assert spoiled["cached"] == {"base": True, "demonstrations": False}
-
-    # ... --fresh demonstrations writes it again, and leaves the base stage's measurement alone.
+    # --fresh demonstrations writes them again and measures them again; the base stage's measurement stays
     capsys.readouterr()
     assert main(command + ["--fresh", "demonstrations"]) == 0
-    assert "--fresh: deleted" in capsys.readouterr().out
-    assert demonstrations.read_text() == original
+    assert "--fresh: rebuilding demonstrations, sft, preferences" in capsys.readouterr().out
+    assert demonstrations.stat().st_mtime_ns > written
     rebuilt = json.loads((out / "metrics.json").read_text())
     assert rebuilt["cached"] == {"base": True, "demonstrations": False}
-    assert rebuilt["demonstrations"] == metrics["demonstrations"]
+    assert rebuilt["demonstrations"] == metrics["demonstrations"]  # the same seeds: the same numbers
 
     assert main(command + ["--fresh"]) == 0  # everything
     assert json.loads((out / "metrics.json").read_text())["cached"] == {"base": False, "demonstrations": False}
@@ -144,46 +140,121 @@ def test_stages_from_follows_the_dependencies():
         stages_from("rlhf")
 
 
-def test_clear_stages_deletes_only_the_selected_profiles_stage_files(tmp_path, monkeypatch):
+def test_clear_measurements_deletes_only_the_selected_stages_measurements(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
     profile = get_profile("tiny")
     root = tmp_path / "cache" / "tiny"
-    pipeline_paths = {stage: stage_paths(profile, stage) for stage in STAGES}
-    for paths in pipeline_paths.values():
-        for path in paths:  # folders get a file inside, files are files
-            target = path if path.name.endswith((".json", ".jsonl")) else path / "model.safetensors"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("x")
+    for stage in STAGES:
+        stage_file(profile, stage).parent.mkdir(parents=True, exist_ok=True)
+        stage_file(profile, stage).write_text("{}")
     keep = [root / "chapter01_my_preferences.jsonl",  # a person's labels
-            root / "ppo-beta0.5-0123abcd" / "ppo_summary.json",  # a chapter's run with another config
-            root / "dpo-beta0.5" / "model.safetensors",
-            tmp_path / "cache" / "small" / "sft" / "model.safetensors",  # another profile
-            tmp_path / "cache" / "base-small" / "model.safetensors"]  # a pretrained base model
+            root / "sft-0123abcd" / "model.safetensors",  # a stage's model: rebuilt by rlhf_core.stages, not here
+            tmp_path / "cache" / "small" / "pipeline" / "sft.json"]  # another profile's measurement
     for path in keep:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("keep")
 
-    deleted = clear_stages(profile, stages_from("reward_model"))
-    for stage in STAGES:
-        for path in pipeline_paths[stage]:
-            if stage in ("reward_model", "ppo", "best_of_n"):
-                assert not path.exists(), path
-            else:
-                assert path.exists(), path
-    assert stage_file(profile, "reward_model") in deleted
+    deleted = clear_measurements(profile, stages_from("reward_model"))
+    assert sorted(deleted) == sorted(stage_file(profile, stage) for stage in ("reward_model", "ppo", "best_of_n"))
+    assert [stage for stage in STAGES if stage_file(profile, stage).exists()] == [
+        "base", "demonstrations", "sft", "preferences", "dpo"]
+    assert clear_measurements(profile, ["ppo"]) == []  # already gone
 
-    clear_stages(profile, STAGES)
-    assert not any(path.exists() for paths in pipeline_paths.values() for path in paths)
+    clear_measurements(profile, STAGES)
+    assert not any(stage_file(profile, stage).exists() for stage in STAGES)
     assert all(path.read_text() == "keep" for path in keep)
 
 
-def test_clear_stages_refuses_paths_outside_the_profile_cache(tmp_path, monkeypatch):
+def test_clear_measurements_refuses_paths_outside_the_profile_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
     profile = get_profile("tiny")
-    outside = tmp_path / "data" / "sft"
+    outside = tmp_path / "data" / "pipeline"
     outside.mkdir(parents=True)
+    (outside / "sft.json").write_text("{}")
     (tmp_path / "cache" / "tiny").mkdir(parents=True)
-    (tmp_path / "cache" / "tiny" / "sft").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "cache" / "tiny" / "pipeline").symlink_to(outside, target_is_directory=True)
     with pytest.raises(RuntimeError, match="refusing to delete"):
-        clear_stages(profile, ["sft"])
-    assert outside.exists()
+        clear_measurements(profile, ["sft"])
+    assert (outside / "sft.json").exists()
+
+
+def test_pipeline_config_per_profile_and_overrides():
+    assert PipelineConfig.for_profile("tiny") == PipelineConfig()
+    gpt2 = PipelineConfig.for_profile("gpt2", seed=3)
+    assert (gpt2.best_of_n, gpt2.measured_kl_prompts, gpt2.seed) == (16, 32, 3)
+    with pytest.raises(TypeError, match="best_of_m"):
+        PipelineConfig.for_profile("tiny", best_of_m=4)
+
+
+# ----- the report, from a run's results (no stage runs) ---------------------------------------------
+
+
+def _results(ppo_gold: float = 0.6) -> dict:
+    """What the stages of a run leave in ``run.results``, with made-up numbers."""
+    def policy(gold, reward=None, kl=None, **extra):
+        metrics = {"gold": gold, "gold_std": 0.3, "gold_se": 0.02, "reward": reward, "kl": kl, "eos_fraction": 0.9,
+                   "mean_words": 20.0, "samples_per_prompt": 1, **extra}
+        return {"metrics": metrics, "examples": [{"prompt": "I watched it.", "response": f" A {gold} | film.",
+                                                  "gold": gold}]}
+    ppo_curves = {"iteration": [1, 2, 3], "reward_model_score": [0.1, 0.4, 0.8], "gold": [0.4, 0.5, 0.6],
+                  "kl": [0.5, 1, 2]}
+    return {
+        "base": policy(-0.2), "demonstrations": policy(0.42), "sft": policy(0.40, kl=0.0, samples_per_prompt=8),
+        "preferences": {"metrics": {"pairs": 3000, "labels_agree_with_gold": 0.8}},
+        "reward_model": {"metrics": {"accuracy_labels": 0.7, "accuracy_gold": 0.75, "labeler_accuracy_cap": 0.8,
+                                     "base_reward": -1.0, "demonstrations_reward": 0.1, "sft_reward": 0.0},
+                         "curves": {"step": [0, 50], "heldout_accuracy_labels": [0.5, 0.7],
+                                    "heldout_accuracy_gold": [0.5, 0.75], "heldout_loss": [0.69, 0.6],
+                                    "train_step": list(range(1, 51)), "train_loss": list(np.linspace(0.7, 0.5, 50))}},
+        "ppo": {**policy(ppo_gold, reward=0.9, kl=3.0), "curves": ppo_curves},
+        "dpo": {**policy(0.41, reward=0.2, kl=1.0, beta=0.1),
+                "curves": {"step": [0, 10, 20], "heldout_accuracy": [0.0, 0.6, 0.65],
+                           "heldout_reward_margin": [0.0, 0.2, 0.3], "heldout_loss": [0.69, 0.65, 0.6]}},
+        "best_of_n": {**policy(0.55, reward=1.2, kl=float(analytic_kl(8)), n=8),
+                      "curves": {"n": [1, 2, 4, 8], "kl": [float(analytic_kl(k)) for k in (1, 2, 4, 8)],
+                                 "gold": [0.4, 0.45, 0.5, 0.55], "reward": [0.0, 0.5, 0.9, 1.2]}},
+    }
+
+
+def _metrics(results: dict) -> dict:
+    settings = {"profile": "tiny", "device": "cpu", "config": {"seed": 0}, "eval_prompts": 256, "max_new_tokens": 64}
+    seconds = {stage: 1.5 for stage in STAGES} | {"total": 12.0}
+    return collect_metrics(settings, results, seconds, {stage: stage == "base" for stage in STAGES})
+
+
+def test_claims_compare_against_two_standard_errors():
+    metrics = _metrics(_results())
+    assert metrics["checks"] == {"sft_matches_demonstrators": True, "reward_model_beats_chance": True,
+                                 "ppo_beats_sft": True, "dpo_beats_sft": False, "best_of_n_beats_sft": True}
+    # two standard errors of the difference: 2 * sqrt(0.02^2 + 0.02^2) = 0.0566 above SFT's 0.40
+    assert _metrics(_results(ppo_gold=0.4 + 0.0570))["checks"]["ppo_beats_sft"]
+    assert not _metrics(_results(ppo_gold=0.4 + 0.0560))["checks"]["ppo_beats_sft"]
+    assert metrics["sft"]["reward"] == 0.0 and metrics["base"]["reward"] == -1.0  # scored by the reward model
+    assert claims({"sft": {"gold": 0.4}}) == {}  # only the stages that ran are checked
+
+
+def test_outputs_written_from_the_results(tmp_path):
+    results = _results()
+    metrics = _metrics(results)
+    written = write_outputs(metrics, results, tmp_path)
+    assert {path.name for path in written} == {"metrics.json", "curves.json", "report.md", *FIGURES}
+    for name in FIGURES:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert json.loads((tmp_path / "metrics.json").read_text()) == plain_json(metrics)
+    assert json.loads((tmp_path / "curves.json").read_text())["ppo"]["gold"] == [0.4, 0.5, 0.6]
+    report = (tmp_path / "report.md").read_text()
+    for text in ("| SFT | +0.400 |", "| best-of-8 |", "- [ ] DPO beats SFT", "- [x] PPO beats SFT", "![gold_vs_kl]",
+                 "A 0.6 / film."):  # a "|" in a response would break the table of examples
+        assert text in report, text
+    table = results_table(metrics)
+    assert "claims not met this run: dpo_beats_sft" in table and "best-of-8" in table
+
+    # a rerun that stops earlier leaves no figure of a stage it did not run
+    early = {stage: results[stage] for stage in ("base", "demonstrations", "sft")}
+    written = write_outputs(_metrics(early), early, tmp_path)
+    assert not (tmp_path / "ppo_training.png").exists() and (tmp_path / "gold_per_stage.png").exists()
+
+
+def test_json_files_are_strict_json(tmp_path):
+    write_json(tmp_path / "x.json", {"a": np.float32(0.5), "b": float("nan"), "c": (np.int64(2), np.bool_(True))})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 0.5, "b": None, "c": [2, True]}

@@ -241,7 +241,8 @@ def test_gae_gym_layout_with_dones_and_bootstrap(seed):
     adv, ret = ppo.gae(rewards, values, torch.ones(B, T), gamma, lam, dones=dones, last_values=last_values)
     for b in range(B):
         expected = ref_gae_row(
-            rewards[b].tolist(), values[b].tolist(), gamma, lam, dones=dones[b].tolist(), last_value=float(last_values[b])
+            rewards[b].tolist(), values[b].tolist(), gamma, lam, dones=dones[b].tolist(),
+            last_value=float(last_values[b]),
         )
         torch.testing.assert_close(adv[b], torch.tensor(expected, dtype=torch.float64), **TOL)
     torch.testing.assert_close(ret, adv + values, **TOL)
@@ -262,7 +263,8 @@ def test_gae_does_not_bootstrap_across_an_episode_end():
 
 def ref_policy_loss(logp, old_logp, adv, mask, eps):
     terms, clipped_out, active = [], [], []
-    for lp, olp, a, m in zip(logp.flatten().tolist(), old_logp.flatten().tolist(), adv.flatten().tolist(), mask.flatten().tolist()):
+    columns = (logp.flatten().tolist(), old_logp.flatten().tolist(), adv.flatten().tolist(), mask.flatten().tolist())
+    for lp, olp, a, m in zip(*columns):
         if not m:
             continue
         ratio = math.exp(lp - olp)
@@ -384,32 +386,34 @@ def test_entropy_from_logits_matches_plain_formula_and_is_stable():
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-def test_approx_kl_estimators_match_plain_formulas(estimator):
+def test_kl_estimate_matches_plain_formulas(estimator):
     g = torch.Generator().manual_seed(9)
-    old = torch.randn(4, 6, generator=g, dtype=torch.float64) - 1
-    new = old + 0.2 * torch.randn(4, 6, generator=g, dtype=torch.float64)
-    mask = ragged_mask(4, 6, g)
-    per = []
-    for lp, olp in zip(real_items(new, mask), real_items(old, mask)):
-        log_r = lp - olp  # log pi_new / pi_old
-        per.append({"k1": olp - lp, "k2": 0.5 * log_r**2, "k3": math.exp(log_r) - 1 - log_r}[estimator])
-    got = ppo.approx_kl(with_garbage(new, mask), old, mask, estimator=estimator)
-    assert float(got) == pytest.approx(ref_mean(per), rel=1e-10)
+    logprobs = torch.randn(4, 6, generator=g, dtype=torch.float64) - 1
+    ref_logprobs = logprobs + 0.2 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    got = ppo.kl_estimate(logprobs, ref_logprobs, estimator)
+    assert got.shape == (4, 6)
+    for lp, ref, value in zip(logprobs.flatten().tolist(), ref_logprobs.flatten().tolist(), got.flatten().tolist()):
+        r = math.exp(ref - lp)  # pi_ref(a) / pi(a), the action sampled from pi (the first argument)
+        expected = {"k1": -math.log(r), "k2": 0.5 * math.log(r) ** 2, "k3": (r - 1) - math.log(r)}[estimator]
+        assert value == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    if estimator != "k1":
+        assert torch.all(got >= 0)
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        ppo.kl_estimate(logprobs, ref_logprobs, "k4")
 
 
-def test_approx_kl_estimates_the_true_kl_from_samples_of_old():
-    """KL(old || new) between two categoricals, estimated from samples of old, matches the exact value."""
+def test_kl_estimate_estimates_the_kl_of_the_sampling_distribution_first():
+    """Samples from p, kl_estimate(log p, log q) averages to the exact KL(p || q), not KL(q || p)."""
     torch.manual_seed(0)
-    p_old = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
-    p_new = torch.tensor([0.4, 0.4, 0.2], dtype=torch.float64)
-    exact = float((p_old * (p_old / p_new).log()).sum())
-    actions = torch.multinomial(p_old, 200_000, replacement=True)[None]
-    ones = torch.ones_like(actions, dtype=torch.float64)
-    for estimator in ("k1", "k3"):
-        est = float(ppo.approx_kl(p_new.log()[actions], p_old.log()[actions], ones, estimator))
-        assert est == pytest.approx(exact, rel=0.05)
-    with pytest.raises(ValueError):
-        ppo.approx_kl(p_new.log()[actions], p_old.log()[actions], ones, "k4")
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.8, 0.15, 0.05], dtype=torch.float64)
+    exact = float((p * (p / q).log()).sum())
+    reverse = float((q * (q / p).log()).sum())
+    assert abs(exact - reverse) > 0.02  # the two directions really differ for these distributions
+    actions = torch.multinomial(p, 200_000, replacement=True)
+    for estimator in ("k1", "k3"):  # the unbiased ones
+        estimate = float(ppo.kl_estimate(p.log()[actions], q.log()[actions], estimator).mean())
+        assert estimate == pytest.approx(exact, rel=0.03)
 
 
 def test_explained_variance_matches_plain_formula():

@@ -79,7 +79,7 @@ def test_saving_a_bad_record_fails_before_writing(tmp_path):
 
 def test_split_keeps_every_prompt_on_one_side():
     records = [{"prompt": f"p{i % 50}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(200)]
-    train, held_out = split_preferences(records, held_out_fraction=0.2, seed=3)
+    train, held_out = split_preferences(records, heldout_fraction=0.2, seed=3)
     assert len(train) + len(held_out) == 200
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held_out})
     assert len({r["prompt"] for r in held_out}) == 10

@@ -20,7 +20,8 @@ def _state(model):
 def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_profile, tokenizer):
     model, summary = pretrain(tiny_profile, tmp_path / "base", SMALL_RUN, tokenizer=tokenizer, progress=False)
     losses = [h["validation_loss"] for h in summary["history"] if "validation_loss" in h]
-    assert summary["finished"] and len(losses) == 2
+    assert summary["finished"] and len(losses) == 3  # before training, after step 6 and after step 12
+    assert losses[0] > 0.9 * torch.log(torch.tensor(float(len(tokenizer)))).item()  # a random model: a uniform guess
     assert losses[-1] < 0.7 * torch.log(torch.tensor(float(len(tokenizer)))).item()  # far below a uniform guess
     assert (tmp_path / "base" / "model.safetensors").exists()
     assert not (tmp_path / "base" / "checkpoint").exists()
@@ -35,10 +36,11 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, tiny_prof
     partial, summary = pretrain(tiny_profile, tmp_path / "b", SMALL_RUN, tokenizer=tokenizer, progress=False,
                                 stop_after_steps=5)
     assert summary == {"finished": False, "step": 5, "history": summary["history"]}
+    assert [row["step"] for row in summary["history"]] == list(range(6))
     assert (tmp_path / "b" / "checkpoint" / "training_state.pt").exists()
     torch.manual_seed(12345)  # the disconnect scrambles the global random state: resume must restore it
     resumed, summary = pretrain(tiny_profile, tmp_path / "b", SMALL_RUN, tokenizer=tokenizer, progress=False)
-    assert summary["finished"] and len(summary["history"]) == SMALL_RUN.steps
+    assert summary["finished"] and [row["step"] for row in summary["history"]] == list(range(SMALL_RUN.steps + 1))
     expected = _state(uninterrupted)
     for name, tensor in resumed.state_dict().items():
         assert torch.equal(tensor, expected[name]), name

@@ -15,9 +15,20 @@ from rlhf_core.batching import last_token_index
 from rlhf_core.gold import PreferenceLabeler, gold_score
 from rlhf_core.models import count_parameters, load_causal_lm
 from rlhf_core.preferences import split_preferences
-from rlhf_core.reward_model import (RewardModelConfig, bradley_terry_loss, encode_for_scoring, fit_normalization,
-                                    load_reward_model, pairwise_accuracy, reward_model_from_policy,
-                                    save_reward_model, score_batch, score_texts, train_reward_model)
+from rlhf_core.reward_model import (
+    RewardModelConfig,
+    bradley_terry_loss,
+    encode_for_scoring,
+    fit_normalization,
+    load_reward_model,
+    pairwise_accuracy,
+    reward_model_from_policy,
+    save_reward_model,
+    score_batch,
+    score_texts,
+    train_reward_model,
+)
+from rlhf_core.training import NonFiniteLossError
 
 TOLERANCE = 1e-5  # float32
 
@@ -88,7 +99,8 @@ def test_padding_tokens_change_nothing_and_the_last_real_token_does(reward_model
 
     scrambled = batch.input_ids.clone()
     padding = batch.attention_mask == 0
-    scrambled[padding] = torch.randint(2, len(any_tokenizer), (int(padding.sum()),), generator=torch.Generator().manual_seed(0))
+    scrambled[padding] = torch.randint(2, len(any_tokenizer), (int(padding.sum()),),
+                                       generator=torch.Generator().manual_seed(0))
     scrambled_scores = score_batch(reward_model, scrambled, batch.attention_mask).detach()
     assert (scrambled_scores - scores).abs().max() < TOLERANCE
 
@@ -173,7 +185,8 @@ def test_checkpoint_loads_with_plain_auto_model_and_gives_the_same_raw_scores(ra
         # pad != EOS and right padding: transformers' own forward reads the same token as we do
         plain_forward = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1)
     assert (plain_forward - raw).abs().max() < TOLERANCE
-    assert (score_batch(plain, batch.input_ids, batch.attention_mask, normalize=False).detach() - raw).abs().max() < TOLERANCE
+    plain_scores = score_batch(plain, batch.input_ids, batch.attention_mask, normalize=False).detach()
+    assert (plain_scores - raw).abs().max() < TOLERANCE
 
     loaded = load_reward_model(folder)
     assert loaded.config.reward_gain == pytest.approx(model.config.reward_gain)
@@ -210,17 +223,59 @@ def test_short_training_run_beats_chance_on_held_out_pairs(tiny_profile, tokeniz
     """From the shipped base model, a few dozen steps on noisy labels of world reviews must rank
     held-out pairs (unseen prompts) better than chance, against the labels and the gold."""
     records = _world_pairs(600, seed=0, labeler=PreferenceLabeler(temperature=0.25, seed=0))
-    train, held_out = split_preferences(records, held_out_fraction=0.25, seed=0)
+    train, heldout = split_preferences(records, 0.25, seed=0)
     torch.manual_seed(0)
     model = reward_model_from_policy(load_causal_lm(tiny_profile.base_model))
-    config = RewardModelConfig(epochs=2, batch_size=16, learning_rate=2e-3, eval_every=0)
-    model, history = train_reward_model(model, tokenizer, train, held_out, config, progress=False)
+    config = RewardModelConfig(epochs=2, batch_size=16, learning_rate=2e-3, warmup_steps=3, eval_every=0)
+    model, history = train_reward_model(model, tokenizer, train, heldout, config, progress=False)
     before, after = history[0], history[-1]
-    assert after["step"] == 2 * math.ceil(len(train) / 16) and all(math.isfinite(h["train_loss"]) for h in history[1:])
-    final = pairwise_accuracy(model, tokenizer, held_out)
-    assert final["accuracy_labels"] == pytest.approx(after["held_out_accuracy_labels"])
+    assert after["step"] == 2 * math.ceil(len(train) / 16) and all(math.isfinite(h["loss"]) for h in history[1:])
+    final = pairwise_accuracy(model, tokenizer, heldout)
+    assert final["accuracy_labels"] == pytest.approx(after["heldout_accuracy_labels"])
     # Beat chance by a margin no coin could (n ~ 150 held-out pairs: chance has std ~0.04).
-    assert before["held_out_accuracy_gold"] < 0.6  # it did not start out knowing
+    assert before["heldout_accuracy_gold"] < 0.6  # it did not start out knowing
     assert final["accuracy_gold"] > 0.75
     assert final["accuracy_labels"] > 0.7
-    assert final["loss"] < before["held_out_loss"]
+    assert final["loss"] < before["heldout_loss"]
+    assert [row["lr"] for row in history[1:4]] == pytest.approx([2e-3 / 3, 2 * 2e-3 / 3, 2e-3])  # warmup in steps
+
+
+def _state(model):
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def test_interrupted_reward_model_training_resumes_bit_for_bit(tmp_path, random_tiny_model, tokenizer):
+    records = _world_pairs(60, seed=5, labeler=PreferenceLabeler(temperature=0.25, seed=5))
+    train, heldout = split_preferences(records, 0.2, seed=0)
+    config = RewardModelConfig(epochs=2, batch_size=16, learning_rate=1e-3, warmup_steps=2, eval_every=3,
+                               checkpoint_every=2)  # 3 batches per epoch (the last one smaller): crosses an epoch
+    assert config.total_steps(len(train)) == 6
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return reward_model_from_policy(random_tiny_model)
+
+    seen = []
+    uninterrupted, full_history = train_reward_model(fresh_model(), tokenizer, train, heldout, config,
+                                                     progress=False, callback=seen.append)
+    assert seen == full_history[1:]
+    _, partial_history = train_reward_model(fresh_model(), tokenizer, train, heldout, config, progress=False,
+                                            out_dir=tmp_path, stop_after_steps=4)
+    assert [row["step"] for row in partial_history] == [0, 1, 2, 3, 4]
+    assert (tmp_path / "checkpoint" / "training_state.pt").exists()
+    torch.manual_seed(12345)  # the disconnect scrambles the global random state
+    resumed, history = train_reward_model(fresh_model(), tokenizer, train, heldout, config, progress=False,
+                                          out_dir=tmp_path)
+    assert history == full_history
+    expected = _state(uninterrupted)
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    # a run with fixed steps, and a NaN named with the step
+    short = RewardModelConfig(**{**config.__dict__, "steps": 2, "eval_every": 0})
+    assert [row["step"] for row in train_reward_model(fresh_model(), tokenizer, train, heldout, short,
+                                                      progress=False)[1]] == [0, 1, 2]
+    broken = fresh_model()
+    with torch.no_grad():
+        broken.score.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="reward-model loss is nan at step 0"):
+        train_reward_model(broken, tokenizer, train, [], short, progress=False)

@@ -11,10 +11,19 @@ import torch.nn.functional as F
 from rlhf_core import sft
 from rlhf_core.demonstrations import write_demonstrations
 from rlhf_core.logprobs import response_logprobs
+from rlhf_core.loop import batch_rows
 from rlhf_core.models import load_causal_lm
 from rlhf_core.prompts import load_prompts
-from rlhf_core.sft import (IGNORE_INDEX, SFTConfig, batch_rows, frozen_reference, history_series, sft_batch,
-                           sft_labels, sft_loss, train_sft)
+from rlhf_core.sft import (
+    IGNORE_INDEX,
+    SFTConfig,
+    frozen_reference,
+    history_series,
+    sft_batch,
+    sft_labels,
+    sft_loss,
+    train_sft,
+)
 from rlhf_core.training import NonFiniteLossError
 
 PROMPTS = ["I watched The Quiet Harbor last night.", "Zorvath is a western.", "My brother took me to see Nimbrook."]
@@ -88,16 +97,18 @@ def test_loss_equals_a_plain_per_token_loop(random_tiny_model, tokenizer):
     assert hf_loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_batches_are_a_pure_function_of_the_step():
-    first_epoch = [row for step in range(4) for row in batch_rows(step, 35, 8, seed=3)]
+def test_an_epoch_drops_the_incomplete_last_batch():
+    assert SFTConfig(epochs=2, batch_size=8).total_steps(35) == 8  # 4 full batches of 8 per epoch
+    first_epoch = [row for step in range(4) for row in batch_rows(step, 35, 8, seed=3, drop_last=True)]
     assert len(set(first_epoch)) == 32  # a permutation, the incomplete last batch dropped
-    assert batch_rows(5, 35, 8, seed=3) == batch_rows(5, 35, 8, seed=3)
-    assert batch_rows(4, 35, 8, seed=3) != batch_rows(0, 35, 8, seed=3)  # a new epoch, a new order
+    assert batch_rows(4, 35, 8, seed=3, drop_last=True) != batch_rows(0, 35, 8, seed=3, drop_last=True)
 
 
 def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, base_model, tokenizer, records):
+    seen = []
     uninterrupted, full_history = train_sft(copy.deepcopy(base_model), tokenizer, records, TINY_RUN,
-                                            out_dir=tmp_path / "a", progress=False)
+                                            out_dir=tmp_path / "a", progress=False, callback=seen.append)
+    assert seen == full_history[1:]  # the callback gets every step's record
     partial, history = train_sft(copy.deepcopy(base_model), tokenizer, records, TINY_RUN, out_dir=tmp_path / "b",
                                  progress=False, stop_after_steps=5)
     assert history[-1]["step"] == 5 and (tmp_path / "b" / "checkpoint" / "training_state.pt").exists()
@@ -148,7 +159,7 @@ def test_a_short_real_run_lowers_the_heldout_loss(base_model, tokenizer, tiny_pr
     assert heldout[2] < heldout[1] < heldout[0] - 0.002
     _, lrs = history_series(history, "lr")
     assert lrs[4] == pytest.approx(3e-4) and lrs[-1] < lrs[10]  # warmup, then decay
-    assert history[-1]["tokens"] > history[1]["tokens"] > 0
+    assert all(row["response_tokens"] > 16 for row in history[1:])  # 16 responses with an EOS each, and more
 
 
 def test_a_short_run_teaches_a_random_model_the_responses(random_tiny_model, tokenizer, records):
@@ -172,25 +183,3 @@ def test_frozen_reference_is_a_frozen_identical_copy(base_model, tokenizer):
     with torch.no_grad():
         next(policy.parameters()).add_(1.0)
     assert not torch.equal(next(policy.parameters()), next(reference.parameters()))  # a copy, not a view
-
-
-def test_load_or_train_sft_trains_once_then_loads(tmp_path, monkeypatch, tiny_profile):
-    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
-    quick = SFTConfig(steps=3, batch_size=8, heldout_records=16, eval_every=3)
-    monkeypatch.setattr(SFTConfig, "for_profile", classmethod(lambda cls, profile=None: quick))
-    policy, reference, tokenizer = sft.load_or_train_sft("tiny", device="cpu", progress=False)
-    folder = tmp_path / "tiny" / "sft"
-    assert (folder / "model.safetensors").exists() and (tmp_path / "tiny" / "demonstrations.jsonl").exists()
-    assert sft.is_cached_sft(folder, quick)
-    assert not sft.is_cached_sft(folder, SFTConfig(steps=4, batch_size=8, heldout_records=16, eval_every=3))
-    other_demonstrations = [{"prompt": "A film.", "response": " Fine."}]
-    assert not sft.is_cached_sft(folder, quick, other_demonstrations)
-    assert not any(p.requires_grad for p in reference.parameters())
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached SFT model should have been loaded")
-
-    monkeypatch.setattr(sft, "train_sft", no_training)
-    again, _, _ = sft.load_or_train_sft("tiny", device="cpu", progress=False)
-    for name, tensor in again.state_dict().items():
-        assert torch.equal(tensor, policy.state_dict()[name]), name
