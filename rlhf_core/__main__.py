@@ -1,9 +1,10 @@
-"""Command line: ``python -m rlhf_core {run,pretrain,world}``.
+"""Command line: ``python -m rlhf_core {run,pretrain,world,chapters}``.
 
     python -m rlhf_core run [--profile tiny|small|gpt2|auto] [--out DIR] [--fresh [STAGE]] [--until STAGE]
                                                                             the pipeline, stage by stage
     python -m rlhf_core pretrain [--profile tiny|small]                     (re)build the base model
     python -m rlhf_core world [--n 5] [--seed 0]                            print a few world reviews
+    python -m rlhf_core chapters [NN ...]               re-execute the chapters in place (tiny profile)
 
 Bad input gets one line on stderr naming the flag and the fix, and exit status 2; it is checked before
 any stage runs.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import notebooks
 from .config import PROFILE_NAMES, REPO_DIR, get_profile, select_device
 from .errors import CourseError
 from .gold import gold_score
@@ -138,6 +140,12 @@ def command_world(args) -> int:
     return 0
 
 
+def command_chapters(args) -> int:
+    """Every chapter (or the ones named) re-executed in order, in place, in the tiny profile."""
+    notebooks.execute_chapters(notebooks.chapter_paths(args.numbers), timeout=args.timeout, profile="tiny")
+    return 0
+
+
 def answer_errors(command: Callable[[], int]) -> int:
     """Run ``command``; what the course knows how to explain becomes one line on stderr and an exit status."""
     try:
@@ -154,7 +162,7 @@ def answer_errors(command: Callable[[], int]) -> int:
 
 def parser() -> OneLineParser:
     main_parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = main_parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,world}")
+    commands = main_parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,world,chapters}")
 
     run = commands.add_parser("run", help="run the pipeline, print its results table, write metrics, report, figures")
     run.add_argument("--profile", default=None, help="tiny, small, gpt2 or auto (default: $RLHF_PROFILE or auto)")
@@ -181,6 +189,11 @@ def parser() -> OneLineParser:
     world.add_argument("--n", type=int, default=5)
     world.add_argument("--seed", type=int, default=0)
     world.set_defaults(handler=command_world)
+
+    chapters = commands.add_parser("chapters", help="re-execute the chapters in place (tiny profile), strip widget state")
+    chapters.add_argument("numbers", nargs="*", metavar="NN", help="only these chapters, e.g. 03 05 (default: all)")
+    chapters.add_argument("--timeout", type=int, default=1800, help="seconds a cell may run (default: 1800)")
+    chapters.set_defaults(handler=command_chapters)
     return main_parser
 
 

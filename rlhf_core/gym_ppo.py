@@ -5,7 +5,8 @@ in full mode), meant to be read top to bottom. The math (GAE, the clipped policy
 advantage normalisation, approx-KL, explained variance) is *not* written here: it is imported from
 ``rlhf_core.ppo``, the very functions the language-model PPO loop of chapters 04-06 uses. Only the
 plumbing around them is gym-specific: vectorised environments, an actor-critic MLP, the rollout
-buffer and the minibatch epochs.
+buffer and the minibatch epochs. Using the trained agent (evaluating, recording, animating an
+episode) is ``rlhf_core.gym_episodes``.
 
 The rollout buffer is laid out (B, T) = (environments, steps), the same layout as a batch of
 language-model responses (responses, tokens): each row is one stream of experience, and
@@ -22,7 +23,6 @@ Schulman et al. (2016).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from rlhf_core import ppo
-from rlhf_core.config import seed_everything
+from . import ppo
+from .config import seed_everything
 
 __all__ = [
     "GymPPOConfig",
@@ -42,9 +42,6 @@ __all__ = [
     "TrainHistory",
     "make_envs",
     "train",
-    "evaluate",
-    "record_episode",
-    "frames_to_animation",
 ]
 
 
@@ -106,7 +103,7 @@ class GymPPOConfig:
         return self.total_timesteps // self.batch_size
 
     @classmethod
-    def cartpole(cls, **overrides) -> "GymPPOConfig":
+    def cartpole(cls, **overrides) -> GymPPOConfig:
         """CartPole-v1 (max return 500), tuned for wall time on a 2-core CPU.
 
         rl-baselines3-zoo's settings (8 short rollouts of 32 steps, one minibatch of 256 seen
@@ -131,7 +128,7 @@ class GymPPOConfig:
         return replace(preset, **overrides)
 
     @classmethod
-    def lunar_lander(cls, **overrides) -> "GymPPOConfig":
+    def lunar_lander(cls, **overrides) -> GymPPOConfig:
         """LunarLander-v3 (solved at an average return of 200), the full-mode task.
 
         16 environments x 128 steps, 8 minibatches of 256 seen 10 times, lr 1e-3 annealed over 1M
@@ -427,79 +424,3 @@ def _train(config: GymPPOConfig, callback) -> tuple[Agent, TrainHistory]:
     envs.close()
     agent.eval()
     return agent, history
-
-
-# ---------------------------------------------------------------------------------------------
-# Using the trained agent
-# ---------------------------------------------------------------------------------------------
-
-
-def evaluate(
-    agent: Agent, env_id: str, n_episodes: int = 10, seed: int = 10_000, greedy: bool = True
-) -> list[float]:
-    """Returns of ``n_episodes`` fresh episodes played by the agent (seeds ``seed``, ``seed + 1``, ...)."""
-    env = gym.make(env_id)
-    returns = []
-    for i in range(n_episodes):
-        observation, _ = env.reset(seed=seed + i)
-        total, finished = 0.0, False
-        while not finished:
-            action = agent.act(torch.as_tensor(observation, dtype=torch.float32)[None], greedy=greedy)
-            observation, reward, terminated, truncated, _ = env.step(int(action[0]))
-            total += float(reward)
-            finished = terminated or truncated
-        returns.append(total)
-    env.close()
-    return returns
-
-
-def record_episode(
-    agent: Agent,
-    env_id: str,
-    seed: int = 0,
-    greedy: bool = True,
-    frame_every: int = 1,
-    max_steps: int | None = None,
-) -> tuple[list[np.ndarray], float]:
-    """Play one episode with ``render_mode="rgb_array"``; returns (frames, episode return).
-
-    Every ``frame_every``-th frame is kept (the last one always), so long episodes stay small.
-    """
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        # Headless (CI, Colab): rgb_array frames need no window, and without this SDL prints a
-        # harmless but confusing "XDG_RUNTIME_DIR is invalid" error into the notebook.
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-    env = gym.make(env_id, render_mode="rgb_array")
-    observation, _ = env.reset(seed=seed)
-    frames = [env.render()]
-    total, step, finished = 0.0, 0, False
-    while not finished and (max_steps is None or step < max_steps):
-        action = agent.act(torch.as_tensor(observation, dtype=torch.float32)[None], greedy=greedy)
-        observation, reward, terminated, truncated, _ = env.step(int(action[0]))
-        total += float(reward)
-        step += 1
-        finished = terminated or truncated
-        if step % frame_every == 0 or finished:
-            frames.append(env.render())
-    env.close()
-    return frames, total
-
-
-def frames_to_animation(frames: list[np.ndarray], interval_ms: int = 50, width_inches: float = 3.0):
-    """A matplotlib animation of rgb frames; in a notebook show it with ``HTML(anim.to_jshtml())``."""
-    import matplotlib.pyplot as plt
-    from matplotlib import animation
-
-    height, width = frames[0].shape[:2]
-    fig, ax = plt.subplots(figsize=(width_inches, width_inches * height / width), dpi=72)
-    ax.set_axis_off()
-    fig.subplots_adjust(0, 0, 1, 1)
-    image = ax.imshow(frames[0])
-
-    def draw(i):
-        image.set_data(frames[i])
-        return (image,)
-
-    anim = animation.FuncAnimation(fig, draw, frames=len(frames), interval=interval_ms, blit=True)
-    plt.close(fig)  # the animation is shown as HTML, not as a static figure
-    return anim

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_core.gym_ppo import Agent, GymPPOConfig, evaluate, frames_to_animation, make_envs, record_episode, train
+from rlhf_core.gym_episodes import evaluate, frames_to_animation, record_episode
+from rlhf_core.gym_ppo import Agent, GymPPOConfig, make_envs, train
 
 CARTPOLE_SEED = 1
 MAX_CARTPOLE_STEPS = 60_000  # seed 1 needs 50k; seeds 1-8 needed 23k-53k when the preset was tuned
