@@ -21,7 +21,7 @@ def _name(requirement: str) -> str:
 def _pyproject_requirements() -> dict[str, str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = list(project["dependencies"])
-    for extra in ("dev", "gym"):
+    for extra in ("dev", "gym", "lab"):
         requirements += project["optional-dependencies"][extra]
     return {_name(r): r.split(";")[0].strip() for r in requirements if "python_version < '3.11'" not in r}
 
@@ -39,12 +39,12 @@ def test_environment_yml_and_pyproject_agree():
 def test_environment_installs_this_package_with_its_extras():
     environment = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_part = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
-    assert "-e .[dev,gym]" in pip_part
+    assert "-e .[dev,gym,lab]" in pip_part
 
 
 def test_ci_installs_cpu_torch_first_then_runs_pytest():
     script = (REPO / ".ci" / "run").read_text()
-    assert script.index("torch==2.13.0") < script.index('-e ".[dev,gym]"') < script.rindex("pytest")
+    assert script.index("torch==2.13.0") < script.index('-e ".[dev,gym,lab]"') < script.rindex("pytest")
     assert "torch==" not in (REPO / "pyproject.toml").read_text()  # GPU users keep their own build
 
 
