@@ -1,7 +1,7 @@
 """Command line: ``python -m rlhf_core {run,pretrain,world,chapters}``.
 
     python -m rlhf_core run [--profile tiny|small|gpt2|auto] [--out DIR] [--fresh [STAGE]] [--until STAGE]
-                                                                            the pipeline, stage by stage
+                            [--precision auto|fp32|bf16|fp16] [--quick]     the pipeline, stage by stage
     python -m rlhf_core pretrain [--profile tiny|small]                     (re)build the base model
     python -m rlhf_core world [--n 5] [--seed 0]                            print a few world reviews
     python -m rlhf_core chapters [NN ...]               re-execute the chapters in place (tiny profile)
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import notebooks
+from . import bench, notebooks
 from .config import PROFILE_NAMES, REPO_DIR, get_profile, select_device
 from .errors import CourseError
 from .gold import gold_score
 from .pipeline import STAGES, PipelineConfig, run_pipeline
+from .precision import PRECISION_VARIABLE, PRECISIONS, resolve_precision
 from .pretrain import build_offline_world, pretrain
 from .report import check_output_folder
 from .training import NonFiniteLossError
@@ -74,13 +75,30 @@ def checked_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CourseError(f"{where}: CUDA is not available on this machine; use --device cpu or {undo}")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise CourseError(f"{where}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0; "
-                          f"use --device cuda or {undo}")
+        raise CourseError(
+            f"{where}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0; "
+            f"use --device cuda or {undo}"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise CourseError(f"{where}: Apple's MPS is not available on this machine; use --device cpu or {undo}")
     if device.type not in ("cpu", "cuda", "mps"):
         raise CourseError(f"{where}: the course runs on cpu, cuda or mps; use one of them or {undo}")
     return device
+
+
+def checked_precision(name: str | None, device: torch.device) -> str:
+    """The precision ``--precision`` (else ``$RLHF_PRECISION``, else auto) names, resolved for ``device``
+    (``rlhf_core.precision``): fp32, bf16 or fp16."""
+    where, value, undo = _flag_and_value("--precision", name, PRECISION_VARIABLE)
+    chosen = (value or "auto").strip().lower()
+    if chosen not in PRECISIONS:
+        raise CourseError(f"{where}: not a precision; use one of {', '.join(PRECISIONS)} (or {undo})")
+    if chosen == "fp16" and device.type != "cuda":
+        raise CourseError(
+            f"{where}: float16 with loss scaling needs a CUDA device and this run is on {device}; "
+            f"use --precision fp32 (or bf16), or {undo}"
+        )
+    return resolve_precision(chosen, device)
 
 
 def checked_seed(seed: int) -> int:
@@ -95,8 +113,10 @@ def checked_best_of_n(n: int | None) -> dict:
     if n is None:
         return {}
     if n < 1:
-        raise CourseError(f"--best-of-n {n}: best-of-n needs at least 1 candidate per prompt; "
-                          f"use --best-of-n 8 (the CPU default) or leave it out")
+        raise CourseError(
+            f"--best-of-n {n}: best-of-n needs at least 1 candidate per prompt; "
+            f"use --best-of-n 8 (the CPU default) or leave it out"
+        )
     return {"best_of_n": n}
 
 
@@ -107,19 +127,24 @@ def checked_best_of_n(n: int | None) -> dict:
 def command_run(args) -> int:
     """The whole pipeline (``rlhf_core.pipeline``): stages, results table, metrics, report, figures."""
     # every argument is checked before the first stage runs
-    profile = get_profile(checked_profile(args.profile))
+    profile = get_profile(checked_profile(args.profile), quick=args.quick or None)  # None: $RLHF_QUICK decides
     device = checked_device(args.device)
+    precision = checked_precision(args.precision, device)
     out = check_output_folder(args.out)
     config = PipelineConfig.for_profile(profile, seed=checked_seed(args.seed), **checked_best_of_n(args.best_of_n))
-    metrics = run_pipeline(profile, out, device=device, config=config, fresh=args.fresh, until=args.until)
+    metrics = run_pipeline(
+        profile, out, device=device, config=config, fresh=args.fresh, until=args.until, precision=precision
+    )
     return 0 if all(metrics["checks"].values()) or not args.strict else 1
 
 
 def command_pretrain(args) -> int:
     profile = get_profile(checked_profile(args.profile))
     if not profile.offline:
-        raise CourseError(f"--profile {profile.name}: it starts from the hub checkpoint '{profile.base_model}', "
-                          f"there is nothing to pretrain; use --profile tiny or small")
+        raise CourseError(
+            f"--profile {profile.name}: it starts from the hub checkpoint '{profile.base_model}', "
+            f"there is nothing to pretrain; use --profile tiny or small"
+        )
     device = checked_device(args.device)
     if profile.name == "tiny":
         _, _, summary = build_offline_world(profile, device=device, rebuild_tokenizer=args.rebuild_tokenizer)
@@ -162,27 +187,54 @@ def answer_errors(command: Callable[[], int]) -> int:
 
 def parser() -> OneLineParser:
     main_parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = main_parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,world,chapters}")
+    commands = main_parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,world,chapters,bench}")
 
     run = commands.add_parser("run", help="run the pipeline, print its results table, write metrics, report, figures")
     run.add_argument("--profile", default=None, help="tiny, small, gpt2 or auto (default: $RLHF_PROFILE or auto)")
-    run.add_argument("--out", default=str(REPO_DIR / "runs" / "latest"), type=Path,
-                     help="folder for metrics.json, report.md and the figures (default: runs/latest)")
-    run.add_argument("--fresh", nargs="?", const="all", default=None, metavar="STAGE", choices=("all",) + STAGES,
-                     help="rebuild instead of reusing the cache: every stage, or STAGE and the stages built on it")
-    run.add_argument("--until", default=None, choices=STAGES, metavar="STAGE",
-                     help=f"stop after this stage ({', '.join(STAGES)})")
+    run.add_argument(
+        "--out",
+        default=str(REPO_DIR / "runs" / "latest"),
+        type=Path,
+        help="folder for metrics.json, report.md and the figures (default: runs/latest)",
+    )
+    run.add_argument(
+        "--fresh",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="STAGE",
+        choices=("all",) + STAGES,
+        help="rebuild instead of reusing the cache: every stage, or STAGE and the stages built on it",
+    )
+    run.add_argument(
+        "--until", default=None, choices=STAGES, metavar="STAGE", help=f"stop after this stage ({', '.join(STAGES)})"
+    )
     run.add_argument("--best-of-n", type=int, default=None, help="candidates per prompt for best-of-n (at least 1)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     run.add_argument("--seed", type=int, default=0, help="sampling seed of the measurements")
     run.add_argument("--strict", action="store_true", help="exit with status 1 when a claim is not met")
+    run.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
+        help="forward passes in fp32, or mixed bf16 / fp16 (CUDA) (default: $RLHF_PRECISION, else auto: "
+        "bf16 or fp16 on CUDA, fp32 elsewhere)",
+    )
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: few prompts, pairs, steps and iterations in every stage (or RLHF_QUICK=1)",
+    )
     run.set_defaults(handler=command_run)
 
     pretrain_command = commands.add_parser("pretrain", help="pretrain the offline base model (tiny or small)")
     pretrain_command.add_argument("--profile", default="tiny", help="tiny or small")
     pretrain_command.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps")
-    pretrain_command.add_argument("--rebuild-tokenizer", action="store_true",
-                                  help="retrain the BPE tokenizer too (tiny only; invalidates shipped checkpoints)")
+    pretrain_command.add_argument(
+        "--rebuild-tokenizer",
+        action="store_true",
+        help="retrain the BPE tokenizer too (tiny only; invalidates shipped checkpoints)",
+    )
     pretrain_command.set_defaults(handler=command_pretrain)
 
     world = commands.add_parser("world", help="print reviews from the offline world with their gold")
@@ -190,10 +242,20 @@ def parser() -> OneLineParser:
     world.add_argument("--seed", type=int, default=0)
     world.set_defaults(handler=command_world)
 
-    chapters = commands.add_parser("chapters", help="re-execute the chapters in place (tiny profile), strip widget state")
+    chapters = commands.add_parser(
+        "chapters", help="re-execute the chapters in place (tiny profile), strip widget state"
+    )
     chapters.add_argument("numbers", nargs="*", metavar="NN", help="only these chapters, e.g. 03 05 (default: all)")
     chapters.add_argument("--timeout", type=int, default=1800, help="seconds a cell may run (default: 1800)")
     chapters.set_defaults(handler=command_chapters)
+
+    bench_command = commands.add_parser("bench", help="seconds per step of every stage, and the fraction of the peak")
+    bench.add_arguments(bench_command)
+    bench_command.set_defaults(
+        handler=lambda args: bench.command(
+            args, get_profile(checked_profile(args.profile)), checked_device(args.device)
+        )
+    )
     return main_parser
 
 

@@ -89,8 +89,18 @@ def reward_model_score_fn(reward_model, tokenizer, batch_size: int = 64, normali
     """A ``score_fn`` reading the reward model of chapter 03 (``rlhf_core.reward_model.score_texts``)."""
 
     def score(prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool]) -> np.ndarray:
-        return np.asarray(score_texts(reward_model, tokenizer, list(prompts), list(responses), batch_size,
-                                      normalize=normalize, ended=list(ended)), dtype=float)
+        return np.asarray(
+            score_texts(
+                reward_model,
+                tokenizer,
+                list(prompts),
+                list(responses),
+                batch_size,
+                normalize=normalize,
+                ended=list(ended),
+            ),
+            dtype=float,
+        )
 
     return score
 
@@ -104,9 +114,17 @@ def select_best(all_scores: np.ndarray) -> np.ndarray:
     return all_scores.argmax(axis=1)
 
 
-def sample_candidates(policy, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int,
-                      seed: int = 0, batch_size: int = 64, temperature: float = 1.0,
-                      progress: bool = False) -> tuple[list[list[str]], list[list[bool]]]:
+def sample_candidates(
+    policy,
+    tokenizer,
+    prompts: Sequence[str],
+    n: int,
+    max_new_tokens: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    progress: bool = False,
+) -> tuple[list[list[str]], list[list[bool]]]:
     """n responses per prompt, (P, n) nested lists of texts and EOS flags.
 
     Sampled in one call on ``prompts * n``, so row j * P + i is the j-th response to prompt i:
@@ -119,13 +137,15 @@ def sample_candidates(policy, tokenizer, prompts: Sequence[str], n: int, max_new
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     prompts = list(prompts)
-    responses, ended = sample_responses(policy, tokenizer, prompts * n, max_new_tokens, temperature,
-                                        batch_size=batch_size, seed=seed, progress=progress)
+    responses, ended = sample_responses(
+        policy, tokenizer, prompts * n, max_new_tokens, temperature, batch_size=batch_size, seed=seed, progress=progress
+    )
     return candidates_from_rows(responses, ended, len(prompts))
 
 
-def candidates_from_rows(responses: Sequence[str], ended: Sequence[bool],
-                         count: int) -> tuple[list[list[str]], list[list[bool]]]:
+def candidates_from_rows(
+    responses: Sequence[str], ended: Sequence[bool], count: int
+) -> tuple[list[list[str]], list[list[bool]]]:
     """Samples laid out as rows j * P + i (the j-th sample of prompt i, ``count`` = P prompts, as
     ``sample_candidates`` draws them) regrouped per prompt: (P, n) nested lists of texts and EOS flags."""
     if count < 1 or len(responses) % count or len(ended) != len(responses):
@@ -136,8 +156,9 @@ def candidates_from_rows(responses: Sequence[str], ended: Sequence[bool],
     return candidates, candidates_ended
 
 
-def score_candidates(prompts: Sequence[str], candidates: list[list[str]], candidates_ended: list[list[bool]],
-                     score_fn: ScoreFn) -> np.ndarray:
+def score_candidates(
+    prompts: Sequence[str], candidates: list[list[str]], candidates_ended: list[list[bool]], score_fn: ScoreFn
+) -> np.ndarray:
     """score_fn of every candidate in one call, (P, n)."""
     n = len(candidates[0]) if candidates else 0
     flat_prompts = [prompt for prompt in prompts for _ in range(n)]
@@ -149,17 +170,28 @@ def score_candidates(prompts: Sequence[str], candidates: list[list[str]], candid
     return scores.reshape(len(prompts), n)
 
 
-def best_of_n(policy, tokenizer, prompts: Sequence[str], n: int, score_fn: ScoreFn, max_new_tokens: int,
-              seed: int = 0, batch_size: int = 64, temperature: float = 1.0,
-              progress: bool = False) -> BestOfNResult:
+def best_of_n(
+    policy,
+    tokenizer,
+    prompts: Sequence[str],
+    n: int,
+    score_fn: ScoreFn,
+    max_new_tokens: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    progress: bool = False,
+) -> BestOfNResult:
     """Sample ``n`` responses per prompt from ``policy`` and keep the one ``score_fn`` scores highest."""
-    candidates, candidates_ended = sample_candidates(policy, tokenizer, prompts, n, max_new_tokens, seed,
-                                                     batch_size, temperature, progress)
+    candidates, candidates_ended = sample_candidates(
+        policy, tokenizer, prompts, n, max_new_tokens, seed, batch_size, temperature, progress
+    )
     return choose_best(prompts, candidates, candidates_ended, score_fn)
 
 
-def choose_best(prompts: Sequence[str], candidates: list[list[str]], candidates_ended: list[list[bool]],
-                score_fn: ScoreFn) -> BestOfNResult:
+def choose_best(
+    prompts: Sequence[str], candidates: list[list[str]], candidates_ended: list[list[bool]], score_fn: ScoreFn
+) -> BestOfNResult:
     """Score every candidate (P, n) and keep the best of each prompt: best-of-n on samples already drawn."""
     prompts = list(prompts)
     all_scores = score_candidates(prompts, candidates, candidates_ended, score_fn)  # (P, n)
@@ -203,7 +235,7 @@ def best_of_n_probabilities(probabilities: np.ndarray, scores: np.ndarray, n: in
     total = level_mass.sum()
     cdf = np.cumsum(level_mass) / total  # (L,) F_k
     previous = np.concatenate([[0.0], cdf[:-1]])  # (L,) F_{k-1}
-    level_bon = cdf ** n - previous ** n  # (L,)
+    level_bon = cdf**n - previous**n  # (L,)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(level_mass[level_of] > 0, probabilities / level_mass[level_of], 0.0)  # (K,)
     return level_bon[level_of] * share
@@ -228,21 +260,38 @@ def kl_from_samples(sample_scores: np.ndarray, n: int) -> np.ndarray:
     return np.array([discrete_kl(np.full(m, 1.0 / m), row, n) for row in sample_scores])
 
 
-def measure_kl(policy, tokenizer, prompts: Sequence[str], n: int, score_fn: ScoreFn, max_new_tokens: int,
-               samples_per_prompt: int = 256, seed: int = 0, batch_size: int = 64,
-               temperature: float = 1.0, progress: bool = False) -> dict:
+def measure_kl(
+    policy,
+    tokenizer,
+    prompts: Sequence[str],
+    n: int,
+    score_fn: ScoreFn,
+    max_new_tokens: int,
+    samples_per_prompt: int = 256,
+    seed: int = 0,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    progress: bool = False,
+) -> dict:
     """Measured KL(pi_bon || pi) of best-of-n with ``score_fn`` on ``prompts``: ``samples_per_prompt``
     responses per prompt from ``policy``, scored, then ``kl_from_samples``. Returns the mean
     (``kl``), the per-prompt values (``per_prompt``), ``analytic`` (the tie-free value) and the share
     of samples whose score ties with another sample of their prompt (``tied_fraction``)."""
-    candidates, candidates_ended = sample_candidates(policy, tokenizer, prompts, samples_per_prompt,
-                                                     max_new_tokens, seed, batch_size, temperature, progress)
+    candidates, candidates_ended = sample_candidates(
+        policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, seed, batch_size, temperature, progress
+    )
     scores = score_candidates(list(prompts), candidates, candidates_ended, score_fn)  # (P, m)
     per_prompt = kl_from_samples(scores, n)
     tied = [np.unique(row, return_counts=True)[1] for row in scores]
     tied_fraction = float(np.mean([counts[counts > 1].sum() / scores.shape[1] for counts in tied]))
-    return {"kl": float(per_prompt.mean()), "per_prompt": per_prompt, "analytic": analytic_kl(n),
-            "tied_fraction": tied_fraction, "n": n, "samples_per_prompt": samples_per_prompt}
+    return {
+        "kl": float(per_prompt.mean()),
+        "per_prompt": per_prompt,
+        "analytic": analytic_kl(n),
+        "tied_fraction": tied_fraction,
+        "n": n,
+        "samples_per_prompt": samples_per_prompt,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +329,9 @@ def best_of_k_curve(rewards: np.ndarray, golds: np.ndarray, n: int) -> dict[str,
     sampling: the analytic KL, the expected gold and the expected reward of each k (k = 1 is plain
     sampling). ``rewards`` picks (the proxy), ``golds`` is what the pick is worth."""
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k < n] + [n]
-    return {"n": ks, "kl": [float(analytic_kl(k)) for k in ks],
-            "gold": [float(expected_best_of_n(rewards, golds, k).mean()) for k in ks],
-            "reward": [float(expected_best_of_n(rewards, rewards, k).mean()) for k in ks]}
+    return {
+        "n": ks,
+        "kl": [float(analytic_kl(k)) for k in ks],
+        "gold": [float(expected_best_of_n(rewards, golds, k).mean()) for k in ks],
+        "reward": [float(expected_best_of_n(rewards, rewards, k).mean()) for k in ks],
+    }

@@ -5,7 +5,8 @@ critic-free policies, and the pipeline's measurements) is cached the same way:
 
 - **One identity.** A stage's folder is ``cache_dir()/<profile>/<stage>-<key>``, where ``key`` hashes
   the stage's whole config *and* the digests of its inputs (the upstream stages' results: the SFT
-  weights a reward model was trained from, the preference pairs it read, ...). A result is reused
+  weights a reward model was trained from, the preference pairs it read, ...), and the precision when
+  one other than ``auto`` is asked for (``RLHF_PRECISION``). A result is reused
   only when both are the same; change either, and the key, hence the folder, changes, so the stage is
   rebuilt, and two configurations never share a folder.
 - **One completion mark.** A folder is finished when its manifest ``stage.json`` exists. It is
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from .config import Profile, cache_dir
 
-FORMAT = 2  # version of the cache layout; bump it when what a stage stores changes meaning
+FORMAT = 3  # version of the cache layout; bump it when what a stage stores changes (3: RL stages keep summary.json)
 MANIFEST = "stage.json"
 
 
@@ -127,6 +128,9 @@ def stage_entry(profile: Profile, stage: str, config, inputs: dict | None = None
     ``label`` (e.g. ``beta0.1``) only makes folder names readable; the key alone decides."""
     config_dict = asdict(config) if is_dataclass(config) else dict(config or {})
     inputs = dict(inputs or {})
+    precision = (os.environ.get("RLHF_PRECISION") or "auto").strip().lower()
+    if precision != "auto":  # a model trained in bf16 is another result than the fp32 one (``rlhf_core.precision``)
+        inputs["precision"] = precision
     key = stable_hash({"stage": stage, "format": FORMAT, "config": config_dict, "inputs": inputs})
     name = f"{stage}-{label}-{key}" if label else f"{stage}-{key}"
     return StageEntry(stage, cache_dir() / profile.name / name, key, config_dict, inputs)

@@ -10,10 +10,26 @@ A *profile* says which world the course runs in:
 - ``auto``  ``gpt2`` where CUDA is present, else ``tiny``.
 
 The profile is chosen by argument, else by the ``RLHF_PROFILE`` environment variable, else ``auto``.
+
+Two optional stand-ins let the gpt2 profile run without the hub (CI runs it so, on a CPU):
+
+- ``RLHF_GPT2_MODEL``: a local folder holding a gpt2-config model and its tokenizer (written by
+  ``save_pretrained``); the profile then starts from it, and takes its shape (layers, width,
+  context, vocabulary) from its ``config.json``.
+- ``RLHF_IMDB``: a local folder that ``datasets.load_from_disk`` reads as a ``DatasetDict`` with
+  ``train`` and ``test`` splits and a ``text`` column, what ``load_dataset("stanfordnlp/imdb")``
+  gives (read by ``rlhf_core.prompts``).
+
+A *quick* profile (``get_profile(name, quick=True)``, ``RLHF_QUICK=1``, or ``run --quick``) is the
+same profile shrunk to a smoke test: ``QUICK_TRAIN_PROMPTS`` training prompts (so fewer
+demonstrations and preference pairs), ``QUICK_EVAL_PROMPTS`` held-out prompts, and every stage's
+config (SFT, reward model, PPO, DPO, the pipeline) cut to a few steps and iterations by its own
+``for_profile``. Its configs differ from the full ones, so its cached stages never mix with theirs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass, fields, replace
@@ -55,13 +71,15 @@ class Profile:
     pretrain_lr: float  # peak AdamW learning rate of pretraining
     generation_batch_size: int  # prompts sampled in parallel when generating
     n_eval_prompts: int  # held-out prompts every stage is scored on (gold means are comparable)
+    n_train_prompts: int | None = None  # training prompts used, the first n of the source (None: all of them)
+    quick: bool = False  # shrunk to a smoke test (see the module docstring): every for_profile reads it
 
     @property
     def offline(self) -> bool:
         """True when nothing needs the Hugging Face hub."""
         return self.prompt_source == "world"
 
-    def with_overrides(self, **changes) -> "Profile":
+    def with_overrides(self, **changes) -> Profile:
         return replace(self, **changes)
 
 
@@ -116,6 +134,11 @@ def _profiles() -> dict[str, Profile]:
 
 
 PROFILE_NAMES = ("tiny", "small", "gpt2", "auto")
+GPT2_MODEL_VARIABLE = "RLHF_GPT2_MODEL"  # local stand-in for the hub's gpt2 (model and tokenizer folder)
+IMDB_VARIABLE = "RLHF_IMDB"  # local stand-in for the hub's IMDB (a DatasetDict saved with save_to_disk)
+QUICK_VARIABLE = "RLHF_QUICK"  # "1": the quick profile
+QUICK_TRAIN_PROMPTS = 128  # a quick profile's training prompts (demonstrations; at most as many preference pairs)
+QUICK_EVAL_PROMPTS = 16  # a quick profile's held-out prompts
 
 
 class UnknownProfileError(CourseError, ValueError):
@@ -132,9 +155,53 @@ def resolve_profile_name(name: str | None = None) -> str:
     return chosen
 
 
-def get_profile(name: str | None = None) -> Profile:
-    """The profile by name (see module docstring); paths are read from the environment each call."""
-    return _profiles()[resolve_profile_name(name)]
+def get_profile(name: str | None = None, quick: bool | None = None) -> Profile:
+    """The profile by name (see module docstring); paths are read from the environment each call.
+    ``quick``: the shrunk variant (None: ``RLHF_QUICK``)."""
+    profile = _profiles()[resolve_profile_name(name)]
+    if profile.name == "gpt2" and os.environ.get(GPT2_MODEL_VARIABLE):
+        profile = gpt2_stand_in(profile, os.environ[GPT2_MODEL_VARIABLE])
+    if quick is None:
+        quick = os.environ.get(QUICK_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
+    return quick_variant(profile) if quick else profile
+
+
+def gpt2_stand_in(profile: Profile, folder: str | Path) -> Profile:
+    """The gpt2 profile on a local model and tokenizer folder (``RLHF_GPT2_MODEL``), shaped as its
+    ``config.json`` says."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise CourseError(
+            f"{GPT2_MODEL_VARIABLE}={folder}: no config.json there; point it at a folder written by "
+            f"save_pretrained (a gpt2-config model and its tokenizer), or unset it to use the hub"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "gpt2":
+        raise CourseError(
+            f"{GPT2_MODEL_VARIABLE}={folder}: its config.json describes a "
+            f"{config.get('model_type')!r} model, not gpt2; point it at a gpt2-config model"
+        )
+    return replace(
+        profile,
+        base_model=str(folder),
+        tokenizer=str(folder),
+        n_layer=config["n_layer"],
+        n_head=config["n_head"],
+        n_embd=config["n_embd"],
+        n_positions=config["n_positions"],
+        vocab_size=config["vocab_size"],
+    )
+
+
+def quick_variant(profile: Profile) -> Profile:
+    """``profile`` shrunk to a smoke test: few training and held-out prompts, and ``quick`` set, so
+    every stage's ``for_profile`` shrinks its steps and iterations too."""
+    return replace(
+        profile,
+        quick=True,
+        n_train_prompts=QUICK_TRAIN_PROMPTS,
+        n_eval_prompts=min(profile.n_eval_prompts, QUICK_EVAL_PROMPTS),
+    )
 
 
 def with_overrides(config, overrides: dict):
@@ -144,10 +211,22 @@ def with_overrides(config, overrides: dict):
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise TypeError(
-            f"{type(config).__name__} has no field {', '.join(map(repr, unknown))}: "
-            f"the fields are {', '.join(known)}"
+            f"{type(config).__name__} has no field {', '.join(map(repr, unknown))}: the fields are {', '.join(known)}"
         )
     return replace(config, **overrides)
+
+
+def check_bounds(config, at_least_one=(), not_negative=(), positive=()) -> None:
+    """Raise a one-line ``CourseError`` naming the first field of ``config`` out of its range."""
+    rules = [
+        ("must be at least 1", at_least_one, lambda v: v >= 1),
+        ("must not be negative", not_negative, lambda v: v >= 0),
+        ("must be positive", positive, lambda v: v > 0),
+    ]
+    for rule, names, holds in rules:
+        for name in names:
+            if not holds(getattr(config, name)):
+                raise CourseError(f"{type(config).__name__} {name}={getattr(config, name)} {rule}")
 
 
 def select_device(preferred: str | None = None) -> torch.device:

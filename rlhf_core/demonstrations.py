@@ -85,8 +85,9 @@ def _make_sloppy(response: str, rng) -> str:
     return " " + " ".join(words[:-cut]).rstrip(".,!?")
 
 
-def write_demonstrations(prompts: Sequence[str], config: DemonstratorConfig = DemonstratorConfig(),
-                         seed: int = DEMONSTRATION_SEED) -> list[dict]:
+def write_demonstrations(
+    prompts: Sequence[str], config: DemonstratorConfig = DemonstratorConfig(), seed: int = DEMONSTRATION_SEED
+) -> list[dict]:
     """One demonstration per prompt: ``{"prompt", "response", "gold", "demonstrator", "mood"}``.
 
     ``gold`` (the hidden human's score), ``demonstrator`` (who wrote it) and ``mood`` (their hidden
@@ -101,12 +102,18 @@ def write_demonstrations(prompts: Sequence[str], config: DemonstratorConfig = De
         demonstrator = rng.randrange(config.n_demonstrators)
         mood = _clip(rng.gauss(leanings[demonstrator], config.mood_spread))
         long = rng.random() < config.long_probability
-        response = world.response(mood, n_sentences=rng.randint(5, 6) if long else None,
-                                  closing=True if long else None)
+        response = world.response(mood, n_sentences=rng.randint(5, 6) if long else None, closing=True if long else None)
         if rng.random() < config.sloppy_probability:
             response = _make_sloppy(response, rng)
-        records.append({"prompt": prompt, "response": response, "gold": round(gold_score(prompt, response), 6),
-                        "demonstrator": demonstrator, "mood": round(mood, 6)})
+        records.append(
+            {
+                "prompt": prompt,
+                "response": response,
+                "gold": round(gold_score(prompt, response), 6),
+                "demonstrator": demonstrator,
+                "mood": round(mood, 6),
+            }
+        )
     return records
 
 

@@ -42,14 +42,18 @@ sums them for both losses (the DPO paper's choice, and the log-probability of th
 derivation is about); the target 1/(2 beta) is then a margin in nats per *response*.
 
 **Conventions.** Sequence log-probs are sums over the response tokens (EOS included when the
-response ended) from ``rlhf_core.logprobs``. A pair is scored with chosen and rejected stacked in
-one batch, one forward pass (see ``pair_logps``). The reference is frozen and its log-probs are
+response ended) from ``rlhf_core.logprobs``. A batch of pairs stacks the chosen and rejected rows
+(``encode_preference_batch``) and runs them in buckets of similar length, so no row is padded to a
+much longer one (see ``pair_logps``). The reference is frozen and its log-probs are
 computed once before training (``precompute_reference_logps``), for the training pairs the run
 will actually visit (``used_rows``); ``load_or_train_dpo`` keeps them on disk, so runs with other
 betas reuse them. Logged "rewards" are the implicit
 rewards beta * (log pi - log pi_ref) of the chosen and rejected responses (beta log Z left out:
 it cancels in every comparison); "accuracy" is the share of pairs whose chosen response has the
-larger implicit reward (a tie, e.g. at step 0 where pi = pi_ref, counts as wrong).
+larger implicit reward (a tie, e.g. at step 0 where pi = pi_ref, counts as wrong). Under mixed
+precision (``precision``, see ``rlhf_core.precision``) the forward passes run in 16 bits; the
+log-probs, and so the loss, are float32. A pair longer than the model's context is cut to it
+(``logprobs.fit_to_context``), the same way for the policy and the reference.
 """
 
 from __future__ import annotations
@@ -61,13 +65,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from .batching import TokenBatch, encode_responses, pack
 from .config import Profile, get_profile, seed_everything, with_overrides
-from .logprobs import sequence_logprobs
+from .dpo_data import (  # noqa: F401 (part of rlhf_core.dpo's API: the chapters call them from here)
+    _ended,
+    encode_preference_batch,
+    pair_logps,
+    precompute_reference_logps,
+    reference_logps_for_rows,
+    used_rows,
+)
 from .loop import batch_rows, fingerprint, save_final, steps_done, steps_per_epoch, train_loop
 from .models import disable_dropout
+from .precision import autocast, resolve_precision
 from .training import adamw
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -77,9 +87,14 @@ LOSS_TYPES = ("sigmoid", "ipo")
 # The loss
 
 
-def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
-             loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO (``"sigmoid"``) or IPO (``"ipo"``) loss from summed sequence log-probs, all (B,).
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each (B,). The rewards are the implicit
@@ -133,6 +148,10 @@ class DPOConfig:
             # 124M parameters move much faster per step than the tiny model: the DPO paper's
             # learning rate range (1e-6 with batch 64) scaled up slightly for a 2-epoch run.
             config = replace(config, learning_rate=5e-6, batch_size=32, warmup_steps=20, eval_batch_size=32)
+        if profile.quick:  # a smoke test (config.quick_variant): a few steps on a few held-out pairs
+            config = replace(
+                config, steps=12, batch_size=8, warmup_steps=2, eval_every=6, eval_batch_size=16, max_heldout_pairs=16
+            )
         return with_overrides(config, overrides)
 
     def total_steps(self, n_train: int) -> int:
@@ -141,71 +160,6 @@ class DPOConfig:
         if self.steps is not None:
             return self.steps
         return self.epochs * steps_per_epoch(n_train, self.batch_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches and log-probs
-
-
-def _ended(record: dict, which: str) -> bool:
-    """Whether the response produced EOS when it was sampled (missing: True, see preferences)."""
-    return bool(record.get(f"{which}_ended", True))
-
-
-def encode_preference_batch(tokenizer, records: Sequence[dict], max_response_tokens: int | None = None,
-                            padding_side: str = "right") -> TokenBatch:
-    """Rows 0..B-1: prompt + chosen; rows B..2B-1: prompt + rejected, padded to one width.
-
-    EOS is appended to a response only if it ended with EOS when it was sampled (``*_ended``): a
-    response cut at the length limit must not teach the policy to stop there. Cut responses
-    (``max_response_tokens``) keep the EOS of a response that ended, as ``encode_pairs`` does.
-    """
-    prompts = [record["prompt"] for record in records]
-    responses = [record["chosen"] for record in records] + [record["rejected"] for record in records]
-    ended = [_ended(r, "chosen") for r in records] + [_ended(r, "rejected") for r in records]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = encode_responses(tokenizer, responses, add_eos=False, max_tokens=max_response_tokens)
-    response_ids = [ids + [tokenizer.eos_token_id] if stop else ids for ids, stop in zip(response_ids, ended)]
-    return pack(prompt_ids + prompt_ids, response_ids, tokenizer.pad_token_id, padding_side)
-
-
-def pair_logps(model, tokenizer, records: Sequence[dict], max_response_tokens: int | None = None,
-               padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(chosen | prompt) and log pi(rejected | prompt), each (B,), summed over response tokens.
-
-    Chosen and rejected go through the model as one (2B, T) batch. One forward pass instead of two
-    (on a GPU, one larger matrix multiply is cheaper than two half-full ones), and both halves are
-    padded to the same width, so the chosen and rejected log-probs of a pair are computed under
-    exactly the same conditions and their difference, the quantity DPO trains, carries no numerical
-    asymmetry from different batch shapes. Gradients flow when the caller allows them.
-    """
-    device = next(model.parameters()).device
-    batch = encode_preference_batch(tokenizer, records, max_response_tokens, padding_side).to(device)
-    logps = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_mask)  # (2B,)
-    return logps[:len(records)], logps[len(records):]
-
-
-@torch.no_grad()
-def precompute_reference_logps(reference, tokenizer, records: Sequence[dict], batch_size: int = 64,
-                               max_response_tokens: int | None = None,
-                               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi_ref of every chosen and rejected response, (N,) each, on the CPU.
-
-    pi_ref never changes, so its log-probs are computed once before training: each training step
-    then needs forward passes of the policy only (half the compute, and no second model in memory
-    on a GPU during the update)."""
-    was_training = reference.training
-    reference.eval()
-    chosen, rejected = [], []
-    for start in tqdm(range(0, len(records), batch_size), desc="pi_ref log-probs", disable=not progress):
-        chosen_logps, rejected_logps = pair_logps(reference, tokenizer, records[start:start + batch_size],
-                                                  max_response_tokens)
-        chosen.append(chosen_logps.float().cpu())
-        rejected.append(rejected_logps.float().cpu())
-    reference.train(was_training)
-    if not chosen:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(chosen), torch.cat(rejected)
 
 
 def _summary(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
@@ -220,19 +174,34 @@ def _summary(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_reward
 
 
 @torch.no_grad()
-def evaluate_dpo(policy, tokenizer, records: Sequence[dict], ref_chosen_logps: torch.Tensor,
-                 ref_rejected_logps: torch.Tensor, config: DPOConfig) -> dict[str, float]:
+def evaluate_dpo(
+    policy,
+    tokenizer,
+    records: Sequence[dict],
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    config: DPOConfig,
+    precision: str | None = None,
+) -> dict[str, float]:
     """Loss, reward margin, accuracy and mean implicit rewards of ``policy`` on ``records`` (no update)."""
     was_training = policy.training
     policy.eval()
+    device = next(policy.parameters()).device
+    precision = resolve_precision(precision, device)
     losses, chosen_rewards, rejected_rewards = [], [], []
     for start in range(0, len(records), config.eval_batch_size):
-        chunk = records[start:start + config.eval_batch_size]
+        chunk = records[start : start + config.eval_batch_size]
         rows = slice(start, start + len(chunk))
-        policy_chosen, policy_rejected = pair_logps(policy, tokenizer, chunk, config.max_response_tokens)
-        device = policy_chosen.device
-        loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, ref_chosen_logps[rows].to(device),
-                                          ref_rejected_logps[rows].to(device), config.beta, config.loss_type)
+        with autocast(device, precision):
+            policy_chosen, policy_rejected = pair_logps(policy, tokenizer, chunk, config.max_response_tokens)
+        loss, chosen, rejected = dpo_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen_logps[rows].to(device),
+            ref_rejected_logps[rows].to(device),
+            config.beta,
+            config.loss_type,
+        )
         losses.append(loss.cpu())
         chosen_rewards.append(chosen.cpu())
         rejected_rewards.append(rejected.cpu())
@@ -240,43 +209,26 @@ def evaluate_dpo(policy, tokenizer, records: Sequence[dict], ref_chosen_logps: t
     return _summary(torch.cat(losses), torch.cat(chosen_rewards), torch.cat(rejected_rewards))
 
 
-def used_rows(n_train: int, config: DPOConfig) -> list[int]:
-    """The training rows a run of ``config.total_steps(n_train)`` steps visits (``batch_rows``),
-    sorted. A short run (fewer steps than an epoch) needs the reference log-probs of these pairs only."""
-    rows: set[int] = set()
-    for step in range(config.total_steps(n_train)):
-        rows.update(batch_rows(step, n_train, config.batch_size, config.seed))
-        if len(rows) == n_train:
-            break
-    return sorted(rows)
-
-
-def reference_logps_for_rows(reference, tokenizer, records: Sequence[dict], rows: Sequence[int],
-                             batch_size: int = 64, max_response_tokens: int | None = None,
-                             progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``precompute_reference_logps`` of ``records[rows]`` only, scattered into (N,) tensors that
-    hold NaN elsewhere: a row that was not precomputed can never be used silently (a NaN loss
-    stops training)."""
-    chosen = torch.full((len(records),), float("nan"))
-    rejected = torch.full((len(records),), float("nan"))
-    rows = list(rows)
-    if rows:
-        chosen_rows, rejected_rows = precompute_reference_logps(reference, tokenizer, [records[i] for i in rows],
-                                                                batch_size, max_response_tokens, progress)
-        chosen[rows], rejected[rows] = chosen_rows, rejected_rows
-    return chosen, rejected
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
-def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], heldout_records: Sequence[dict],
-              config: DPOConfig, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
-              stop_after_steps: int | None = None,
-              reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
-              heldout_reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
-              callback: Callable[[dict], None] | None = None):
+def train_dpo(
+    policy,
+    reference,
+    tokenizer,
+    train_records: Sequence[dict],
+    heldout_records: Sequence[dict],
+    config: DPOConfig,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+    reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
+    heldout_reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    precision: str | None = None,
+):
     """Train ``policy`` with the DPO (or IPO) loss against the frozen ``reference``.
 
     Returns ``(policy, history)``. ``history`` has one dict per step (``step``, ``loss``,
@@ -295,7 +247,8 @@ def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], heldo
     ``reference_logps`` / ``heldout_reference_logps``: log pi_ref of the chosen and rejected
     responses, (N,) each and aligned with the records, when the caller has them already (several
     runs on the same pairs with different betas). Missing, they are computed here: for the training
-    rows the run visits (``used_rows``) and every held-out pair.
+    rows the run visits (``used_rows``) and every held-out pair. ``precision``: fp32, bf16 or fp16
+    (None: ``RLHF_PRECISION``, else auto), see ``rlhf_core.precision``.
     """
     if config.loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {config.loss_type!r}: use one of {LOSS_TYPES}")
@@ -303,22 +256,37 @@ def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], heldo
         raise ValueError("no training pairs")
     policy_parameters = {p.data_ptr() for p in policy.parameters()}
     if policy is reference or any(p.data_ptr() in policy_parameters for p in reference.parameters()):
-        raise ValueError("policy and reference share weights: pass a frozen copy of the starting "
-                         "policy as the reference (rlhf_core.sft.frozen_reference)")
+        raise ValueError(
+            "policy and reference share weights: pass a frozen copy of the starting "
+            "policy as the reference (rlhf_core.sft.frozen_reference)"
+        )
     train_records, heldout_records = list(train_records), list(heldout_records)
     device = next(policy.parameters()).device
+    precision = resolve_precision(precision, device)
     seed_everything(config.seed)
     disable_dropout(policy)
     disable_dropout(reference)
     reference.eval().requires_grad_(False)
 
     if reference_logps is None:
-        reference_logps = reference_logps_for_rows(reference, tokenizer, train_records,
-                                                   used_rows(len(train_records), config),
-                                                   config.eval_batch_size, config.max_response_tokens)
+        reference_logps = reference_logps_for_rows(
+            reference,
+            tokenizer,
+            train_records,
+            used_rows(len(train_records), config),
+            config.eval_batch_size,
+            config.max_response_tokens,
+            precision=precision,
+        )
     if heldout_reference_logps is None:
-        heldout_reference_logps = precompute_reference_logps(reference, tokenizer, heldout_records,
-                                                             config.eval_batch_size, config.max_response_tokens)
+        heldout_reference_logps = precompute_reference_logps(
+            reference,
+            tokenizer,
+            heldout_records,
+            config.eval_batch_size,
+            config.max_response_tokens,
+            precision=precision,
+        )
     ref_chosen, ref_rejected = (t.float().cpu() for t in reference_logps)
     heldout_ref_chosen, heldout_ref_rejected = (t.float().cpu() for t in heldout_reference_logps)
     if len(ref_chosen) != len(train_records) or len(heldout_ref_chosen) != len(heldout_records):
@@ -326,32 +294,64 @@ def train_dpo(policy, reference, tokenizer, train_records: Sequence[dict], heldo
 
     def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
         rows = batch_rows(step, len(train_records), config.batch_size, config.seed)
-        policy_chosen, policy_rejected = pair_logps(policy, tokenizer, [train_records[i] for i in rows],
-                                                    config.max_response_tokens)  # (B,), (B,)
+        policy_chosen, policy_rejected = pair_logps(
+            policy, tokenizer, [train_records[i] for i in rows], config.max_response_tokens
+        )  # (B,), (B,)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen[rows].to(device), ref_rejected[rows].to(device),
-            config.beta, config.loss_type)
+            policy_chosen,
+            policy_rejected,
+            ref_chosen[rows].to(device),
+            ref_rejected[rows].to(device),
+            config.beta,
+            config.loss_type,
+        )
         stats = _summary(losses, chosen_rewards, rejected_rewards)
         del stats["loss"]  # the loop logs the loss it steps on
         return losses.mean(), stats
 
     def evaluate() -> dict:
-        numbers = evaluate_dpo(policy, tokenizer, heldout_records, heldout_ref_chosen, heldout_ref_rejected, config)
+        numbers = evaluate_dpo(
+            policy, tokenizer, heldout_records, heldout_ref_chosen, heldout_ref_rejected, config, precision
+        )
         return {f"heldout_{name}": value for name, value in numbers.items()}
 
     checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
     total_steps = config.total_steps(len(train_records))
     started = time.perf_counter()
     history = train_loop(
-        policy, adamw(policy, config.learning_rate, config.weight_decay), loss_on_step, steps=total_steps,
-        learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm,
-        name="DPO", description=f"DPO (beta {config.beta:g})", evaluate=evaluate if heldout_records else None,
-        eval_every=config.eval_every, checkpoint_dir=checkpoint, checkpoint_every=config.checkpoint_every,
+        policy,
+        adamw(policy, config.learning_rate, config.weight_decay),
+        loss_on_step,
+        steps=total_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        name="DPO",
+        description=f"DPO (beta {config.beta:g})",
+        evaluate=evaluate if heldout_records else None,
+        eval_every=config.eval_every,
+        checkpoint_dir=checkpoint,
+        checkpoint_every=config.checkpoint_every,
         identity={"config": asdict(config), "data": fingerprint([train_records, heldout_records])},
-        resume=resume, stop_after_steps=stop_after_steps, callback=callback, progress=progress)
+        resume=resume,
+        stop_after_steps=stop_after_steps,
+        callback=callback,
+        progress=progress,
+        precision=precision,
+    )
 
     if out_dir is not None and steps_done(history) == total_steps:
-        save_final(out_dir, policy, "dpo_summary.json", {
-            "config": asdict(config), "n_train": len(train_records), "n_heldout": len(heldout_records),
-            "steps": total_steps, "seconds_this_run": round(time.perf_counter() - started, 1), "history": history})
+        save_final(
+            out_dir,
+            policy,
+            "dpo_summary.json",
+            {
+                "config": asdict(config),
+                "n_train": len(train_records),
+                "n_heldout": len(heldout_records),
+                "steps": total_steps,
+                "seconds_this_run": round(time.perf_counter() - started, 1),
+                "history": history,
+            },
+        )
     return policy, history

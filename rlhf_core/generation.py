@@ -9,24 +9,32 @@ course needs (what was sampled is exactly what is scored and trained on).
 
 Sampling draws from softmax(logits / temperature) over the whole vocabulary (no top-k / top-p:
 PPO's log-probs must be those of the distribution we sampled from); temperature 0 means greedy.
+
+A prompt and its response must fit the model's context (``config.n_positions``): a row stops
+writing when it reaches it, like a row that reaches ``max_new_tokens``, and counts as not ended. The
+forward passes run under ``precision.autocast`` (``precision``: fp32, bf16, fp16; None:
+``RLHF_PRECISION``, else auto, fp32 on a CPU); the sampling probabilities are computed in float32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
-
 import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .batching import TokenBatch, pack
+from .errors import CourseError
+from .logprobs import context_length
+from .precision import autocast, resolve_precision
 
 
 @dataclass
 class Generation(TokenBatch):
     prompt_width: int = 0  # columns [0, prompt_width) hold the left-padded prompts
-    ended: torch.Tensor | None = None  # (B,) True where the response ended with EOS
+    ended: torch.Tensor | None = None  # (B,) True where the response ended with EOS (not cut by a length limit)
     prompts: list[str] | None = None  # the prompt texts
     responses: list[str] | None = None  # the decoded responses, EOS and padding removed
 
@@ -53,9 +61,31 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+def response_budget(prompt_lengths: torch.Tensor, max_new_tokens: int, context: int | None) -> torch.Tensor:
+    """Tokens each row may write: ``max_new_tokens``, or fewer where the prompt and its response
+    would not fit the model's ``context`` (its ``n_positions``). A row's budget depends on its own
+    prompt only, never on the batch it is in. (B,) -> (B,)"""
+    if context is None:
+        return torch.full_like(prompt_lengths, max_new_tokens)
+    too_long = prompt_lengths >= context
+    if bool(too_long.any()):
+        raise CourseError(
+            f"a prompt of {int(prompt_lengths.max())} tokens leaves no room for a response in the "
+            f"model's context of {context} tokens (n_positions): use shorter prompts"
+        )
+    return (context - prompt_lengths).clamp(max=max_new_tokens)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 1.0,
-             generator: torch.Generator | None = None) -> Generation:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    precision: str | None = None,
+) -> Generation:
     """Sample one response per prompt (see the module docstring for the layout of the result)."""
     device = next(model.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -65,24 +95,39 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
 
     attention_mask = prompt_batch.attention_mask  # (B, P), grows by one column a step
     positions = attention_mask.sum(-1, keepdim=True) - 1  # (B, 1) position of each row's last token
-    output = model(input_ids=prompt_batch.input_ids, attention_mask=attention_mask,
-                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    budget = response_budget(positions[:, 0] + 1, max_new_tokens, context_length(model))
+    precision = resolve_precision(precision, device)
+    with autocast(device, precision):
+        output = model(
+            input_ids=prompt_batch.input_ids,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+        )
     cache_argument = _cache_argument(model)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    writing = torch.ones(batch, dtype=torch.bool, device=device)  # rows that have not stopped yet
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)  # rows that stopped at their EOS
     new_tokens, new_masks = [], []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = _sample(output["logits"][:, -1, :], temperature, generator)  # (B,)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        real = (~finished).long()  # rows still writing: this column is real for them
+        token = torch.where(writing, token, torch.full_like(token, pad_id))
+        real = writing.long()  # rows still writing: this column is real for them
         new_tokens.append(token)
         new_masks.append(real)
-        finished = finished | (token == eos_id)
-        if bool(finished.all()):
+        ended = ended | (writing & (token == eos_id))
+        writing = writing & (token != eos_id) & (step + 1 < budget)  # EOS, or the context is full
+        if not bool(writing.any()):
             break
         attention_mask = torch.cat([attention_mask, real[:, None]], dim=-1)
-        positions = positions + 1
-        output = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions,
-                       use_cache=True, **{cache_argument: _returned_cache(output)})
+        positions = positions + writing.long()[:, None]  # a stopped row's padding never reaches past the context
+        with autocast(device, precision):
+            output = model(
+                input_ids=token[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=True,
+                **{cache_argument: _returned_cache(output)},
+            )
 
     response_ids = torch.stack(new_tokens, dim=1)  # (B, R)
     response_real = torch.stack(new_masks, dim=1)  # (B, R)
@@ -92,20 +137,32 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
     texts = []
     for row in range(batch):
         ids = response_ids[row][response_real[row].bool()].tolist()
-        if ids and ids[-1] == eos_id and finished[row]:
+        if ids and ids[-1] == eos_id and ended[row]:
             ids = ids[:-1]
         texts.append(tokenizer.decode(ids, skip_special_tokens=False))
-    return Generation(input_ids=input_ids, attention_mask=full_attention, response_mask=response_mask,
-                      prompt_width=prompt_width, ended=finished.clone(), prompts=list(prompts),
-                      responses=texts)
+    return Generation(
+        input_ids=input_ids,
+        attention_mask=full_attention,
+        response_mask=response_mask,
+        prompt_width=prompt_width,
+        ended=ended,
+        prompts=list(prompts),
+        responses=texts,
+    )
 
 
-def sample_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                     temperature: float = 1.0, batch_size: int = 64, seed: int | None = 0,
-                     progress: bool = False) -> tuple[list[str], list[bool]]:
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    seed: int | None = 0,
+    progress: bool = False,
+    precision: str | None = None,
+) -> tuple[list[str], list[bool]]:
     """Responses (text) and EOS flags for many prompts, generated ``batch_size`` at a time."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     generator = None
     if seed is not None:
@@ -113,8 +170,9 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     responses, ended = [], []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generating", disable=not progress):
-        result = generate(model, tokenizer, prompts[start:start + batch_size], max_new_tokens,
-                          temperature, generator)
+        result = generate(
+            model, tokenizer, prompts[start : start + batch_size], max_new_tokens, temperature, generator, precision
+        )
         responses += result.responses
         ended += result.ended.tolist()
     return responses, ended

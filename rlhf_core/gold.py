@@ -65,11 +65,11 @@ def words(text: str) -> list[str]:
 def repeated_trigram_fraction(prompt: str, response: str) -> float:
     """Fraction of the response's word trigrams already seen earlier (in the prompt or response)."""
     response_words = words(response)
-    trigrams = [tuple(response_words[i:i + 3]) for i in range(len(response_words) - 2)]
+    trigrams = [tuple(response_words[i : i + 3]) for i in range(len(response_words) - 2)]
     if not trigrams:
         return 0.0
     prompt_words = words(prompt)
-    seen = {tuple(prompt_words[i:i + 3]) for i in range(len(prompt_words) - 2)}
+    seen = {tuple(prompt_words[i : i + 3]) for i in range(len(prompt_words) - 2)}
     repeats = 0
     for trigram in trigrams:
         repeats += trigram in seen
@@ -77,19 +77,26 @@ def repeated_trigram_fraction(prompt: str, response: str) -> float:
     return repeats / len(trigrams)
 
 
-def gold_breakdown(prompt: str, response: str, ended: bool = True,
-                   config: GoldConfig = GoldConfig()) -> dict[str, float]:
+def gold_breakdown(
+    prompt: str, response: str, ended: bool = True, config: GoldConfig = GoldConfig()
+) -> dict[str, float]:
     """The gold score and its parts, for plots and for explaining a score to a learner."""
     text = response.strip()
     if not text:
-        return {"sentiment": 0.0, "repetition": 0.0, "rambling": 0.0, "ending": 0.0,
-                "gold": config.empty_response_score}
+        return {
+            "sentiment": 0.0,
+            "repetition": 0.0,
+            "rambling": 0.0,
+            "ending": 0.0,
+            "gold": config.empty_response_score,
+        }
     n_words = len(words(text))
     parts = {
         "sentiment": sentiment(text),
         "repetition": -config.repetition_weight * repeated_trigram_fraction(prompt, text),
-        "rambling": -min(config.max_ramble_penalty,
-                         config.ramble_penalty_per_word * max(0, n_words - config.natural_words)),
+        "rambling": -min(
+            config.max_ramble_penalty, config.ramble_penalty_per_word * max(0, n_words - config.natural_words)
+        ),
         "ending": 0.0,
     }
     # One ending penalty, never both: a response cut off by the length limit is mid-sentence by
@@ -102,22 +109,29 @@ def gold_breakdown(prompt: str, response: str, ended: bool = True,
     return parts
 
 
-def mean_gold_breakdown(prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None,
-                        config: GoldConfig = GoldConfig()) -> dict[str, float]:
+def mean_gold_breakdown(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    ended: Sequence[bool] | None = None,
+    config: GoldConfig = GoldConfig(),
+) -> dict[str, float]:
     """The mean of each part of ``gold_breakdown`` over many responses: which rule a policy breaks."""
     ended = [True] * len(responses) if ended is None else list(ended)
     parts = [gold_breakdown(p, r, e, config) for p, r, e in zip(prompts, responses, ended)]
     return {key: float(np.mean([part[key] for part in parts])) for key in parts[0]}
 
 
-def gold_score(prompt: str, response: str, ended: bool = True,
-               config: GoldConfig = GoldConfig()) -> float:
+def gold_score(prompt: str, response: str, ended: bool = True, config: GoldConfig = GoldConfig()) -> float:
     """What the hidden human thinks of ``response`` to ``prompt``; ``ended``: EOS was produced."""
     return gold_breakdown(prompt, response, ended, config)["gold"]
 
 
-def gold_scores(prompts: Sequence[str], responses: Sequence[str],
-                ended: Sequence[bool] | None = None, config: GoldConfig = GoldConfig()) -> np.ndarray:
+def gold_scores(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    ended: Sequence[bool] | None = None,
+    config: GoldConfig = GoldConfig(),
+) -> np.ndarray:
     """``gold_score`` for many responses at once, as a float array."""
     if ended is None:
         ended = [True] * len(responses)
@@ -172,8 +186,13 @@ class Rater:
         self.rng = random.Random(self.seed)
 
     def score(self, gold: float, progress: float = 0.0) -> int:
-        value = (self.offset + 5.5 + 4.5 * self.scale * max(-1.0, min(1.0, gold))
-                 + self.drift * progress + self.rng.gauss(0.0, self.noise))
+        value = (
+            self.offset
+            + 5.5
+            + 4.5 * self.scale * max(-1.0, min(1.0, gold))
+            + self.drift * progress
+            + self.rng.gauss(0.0, self.noise)
+        )
         return int(min(10, max(1, round(value))))
 
     def score_session(self, golds: Sequence[float]) -> list[int]:
@@ -185,6 +204,13 @@ class Rater:
 def make_raters(n: int, seed: int = 0, noise: float = 0.8) -> list[Rater]:
     """``n`` raters with different offsets, scales and drifts."""
     rng = random.Random(seed)
-    return [Rater(offset=rng.uniform(-2.0, 2.0), scale=rng.uniform(0.5, 1.3),
-                  drift=rng.uniform(-2.0, 2.0), noise=noise, seed=seed * 1000 + i)
-            for i in range(n)]
+    return [
+        Rater(
+            offset=rng.uniform(-2.0, 2.0),
+            scale=rng.uniform(0.5, 1.3),
+            drift=rng.uniform(-2.0, 2.0),
+            noise=noise,
+            seed=seed * 1000 + i,
+        )
+        for i in range(n)
+    ]

@@ -13,9 +13,7 @@ from matplotlib import animation
 from .gym_ppo import Agent
 
 
-def evaluate(
-    agent: Agent, env_id: str, n_episodes: int = 10, seed: int = 10_000, greedy: bool = True
-) -> list[float]:
+def evaluate(agent: Agent, env_id: str, n_episodes: int = 10, seed: int = 10_000, greedy: bool = True) -> list[float]:
     """Returns of ``n_episodes`` fresh episodes played by the agent (seeds ``seed``, ``seed + 1``, ...)."""
     env = gym.make(env_id)
     returns = []

@@ -84,8 +84,7 @@ class GymPPOConfig:
     def __post_init__(self):
         if self.batch_size % self.num_minibatches:
             raise ValueError(
-                f"num_envs * num_steps = {self.batch_size} must split into "
-                f"{self.num_minibatches} equal minibatches"
+                f"num_envs * num_steps = {self.batch_size} must split into {self.num_minibatches} equal minibatches"
             )
 
     @property
@@ -256,9 +255,7 @@ class TrainHistory:
         return float(np.mean(recent)) if recent else float("nan")
 
 
-def train(
-    config: GymPPOConfig, callback: Callable[[TrainHistory], None] | None = None
-) -> tuple[Agent, TrainHistory]:
+def train(config: GymPPOConfig, callback: Callable[[TrainHistory], None] | None = None) -> tuple[Agent, TrainHistory]:
     """Train a PPO agent; returns ``(agent, history)``.
 
     ``history.updates`` holds one dict per update with: ``update``, ``global_step``,

@@ -41,9 +41,10 @@ from __future__ import annotations
 import html
 import random
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 from .gold import PreferenceLabeler, gold_score
 from .preferences import SOURCES, save_preferences
@@ -79,7 +80,7 @@ class PairToLabel:
             raise ValueError(f"the two responses of a pair are the same text, nothing to prefer: {self.first!r}")
 
     @classmethod
-    def from_record(cls, record: Mapping) -> "PairToLabel":
+    def from_record(cls, record: Mapping) -> PairToLabel:
         """A pair from a mapping with keys prompt/first/second/first_gold/second_gold, or from a
         preference record (prompt/chosen/rejected/chosen_gold/rejected_gold): relabelling a
         preference file by hand is allowed, and the display order is randomised all the same."""
@@ -93,9 +94,15 @@ class PairToLabel:
         if missing:
             raise ValueError(f"a pair to label needs the keys {keys}; missing {missing} in {dict(record)!r}")
         prompt, first, second, first_gold, second_gold = (record[key] for key in keys)
-        return cls(prompt=str(prompt), first=str(first), second=str(second),
-                   first_gold=float(first_gold), second_gold=float(second_gold),
-                   first_ended=bool(record.get(flags[0], True)), second_ended=bool(record.get(flags[1], True)))
+        return cls(
+            prompt=str(prompt),
+            first=str(first),
+            second=str(second),
+            first_gold=float(first_gold),
+            second_gold=float(second_gold),
+            first_ended=bool(record.get(flags[0], True)),
+            second_ended=bool(record.get(flags[1], True)),
+        )
 
 
 class ShownPair(NamedTuple):
@@ -116,7 +123,7 @@ class Judgement:
 
     @property
     def preferred(self) -> str | None:
-        """"first" or "second" (in the pair's own order) for an A/B answer; None for tie and skip."""
+        """ "first" or "second" (in the pair's own order) for an A/B answer; None for tie and skip."""
         if self.answer not in ("A", "B"):
             return None
         a_is_first = not self.swapped
@@ -157,10 +164,16 @@ class LabelingSession:
     learner's work survives a closed browser tab.
     """
 
-    def __init__(self, pairs: Sequence[PairToLabel | Mapping], seed: int = 0,
-                 out_path: str | Path | None = None, source: str = "human"):
-        self.pairs: list[PairToLabel] = [pair if isinstance(pair, PairToLabel) else PairToLabel.from_record(pair)
-                                         for pair in pairs]
+    def __init__(
+        self,
+        pairs: Sequence[PairToLabel | Mapping],
+        seed: int = 0,
+        out_path: str | Path | None = None,
+        source: str = "human",
+    ):
+        self.pairs: list[PairToLabel] = [
+            pair if isinstance(pair, PairToLabel) else PairToLabel.from_record(pair) for pair in pairs
+        ]
         if not self.pairs:
             raise ValueError("a labelling session needs at least one pair")
         self.seed = seed
@@ -191,7 +204,7 @@ class LabelingSession:
         return self.n_answered, self.n_pairs
 
     def progress_text(self) -> str:
-        """"3 / 10 labelled", the line the widget shows."""
+        """ "3 / 10 labelled", the line the widget shows."""
         return f"{self.n_answered} / {self.n_pairs} labelled"
 
     def current(self) -> ShownPair | None:
@@ -211,7 +224,8 @@ class LabelingSession:
         if self.done:
             raise LabelingStateError(
                 f"all {self.n_pairs} pairs are already labelled; undo() to change the last answer, "
-                f"or start a new LabelingSession")
+                f"or start a new LabelingSession"
+            )
         index = self.n_answered
         judgement = Judgement(pair_index=index, answer=normalised, swapped=self.swapped[index])
         self.judgements.append(judgement)
@@ -244,11 +258,20 @@ class LabelingSession:
             first = (pair.first, pair.first_gold, pair.first_ended)
             second = (pair.second, pair.second_gold, pair.second_ended)
             (chosen, chosen_gold, chosen_ended), (rejected, rejected_gold, rejected_ended) = (
-                (first, second) if judgement.preferred == "first" else (second, first))
-            records.append({"prompt": pair.prompt, "chosen": chosen, "rejected": rejected,
-                            "chosen_gold": chosen_gold, "rejected_gold": rejected_gold,
-                            "chosen_ended": chosen_ended, "rejected_ended": rejected_ended,
-                            "source": self.source})
+                (first, second) if judgement.preferred == "first" else (second, first)
+            )
+            records.append(
+                {
+                    "prompt": pair.prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_gold": chosen_gold,
+                    "rejected_gold": rejected_gold,
+                    "chosen_ended": chosen_ended,
+                    "rejected_ended": rejected_ended,
+                    "source": self.source,
+                }
+            )
         return records
 
     def agreement_with_gold(self) -> float | None:
@@ -319,9 +342,12 @@ def simulated_chooser(labeler: PreferenceLabeler | None = None, tie_margin: floa
 
 # ----- the widget -----------------------------------------------------------------------------
 
+
 def _response_html(letter: str, text: str) -> str:
-    return (f"<div style='border:1px solid #bbb;border-radius:6px;padding:8px;min-height:4em'>"
-            f"<b>{letter}</b><br>{html.escape(text.strip())}</div>")
+    return (
+        f"<div style='border:1px solid #bbb;border-radius:6px;padding:8px;min-height:4em'>"
+        f"<b>{letter}</b><br>{html.escape(text.strip())}</div>"
+    )
 
 
 class LabelingWidget:
@@ -343,24 +369,29 @@ class LabelingWidget:
         self.message = widgets.HTML()  # errors and the closing note appear here
         self.buttons: dict[str, widgets.Button] = {}
         for answer in ANSWERS:
-            button = widgets.Button(description=BUTTON_LABELS[answer],
-                                    button_style="primary" if answer in ("A", "B") else "")
+            button = widgets.Button(
+                description=BUTTON_LABELS[answer], button_style="primary" if answer in ("A", "B") else ""
+            )
             button.on_click(self._answer_handler(answer))
             self.buttons[answer] = button
         self.buttons["undo"] = widgets.Button(description="undo", button_style="warning")
         self.buttons["undo"].on_click(self._on_undo)
-        self.view = widgets.VBox([
-            self.progress, self.prompt,
-            widgets.HBox([self.response_a, self.response_b]),
-            widgets.HBox([self.buttons[name] for name in (*ANSWERS, "undo")]),
-            self.message,
-        ])
+        self.view = widgets.VBox(
+            [
+                self.progress,
+                self.prompt,
+                widgets.HBox([self.response_a, self.response_b]),
+                widgets.HBox([self.buttons[name] for name in (*ANSWERS, "undo")]),
+                self.message,
+            ]
+        )
         self.refresh()
 
     # Handlers: record through the session, then redraw. Nothing slow happens here.
     def _answer_handler(self, answer: str) -> Callable:
         def on_click(_button) -> None:
             self._act(lambda: self.session.answer(answer))
+
         return on_click
 
     def _on_undo(self, _button) -> None:

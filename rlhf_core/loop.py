@@ -6,7 +6,7 @@ Each trainer says what is particular to it, the loss of a step; the loop does al
         set the learning rate          linear warmup, then cosine decay (a pure function of the step)
         loss, stats = loss_on_step(step)
         check the loss is finite       a NaN stops the run with the step named
-        backward, clip, AdamW step
+        backward, clip, AdamW step     ``training.backward_and_step`` (loss scaling for fp16)
         log a record                   step, loss, lr, grad_norm, the trainer's stats
         evaluate                       every ``eval_every`` steps, and after the last one
         checkpoint                     every ``checkpoint_every`` steps (atomic, resumable)
@@ -20,6 +20,10 @@ data); a checkpoint of another identity is never resumed.
 Ctrl-C (or a notebook's interrupt button) finishes the current step, saves a checkpoint, prints
 where the next run resumes from, and stops with ``KeyboardInterrupt``; press it twice to stop at
 once without saving.
+
+``precision`` (``rlhf_core.precision``: fp32, bf16 or fp16; None: ``RLHF_PRECISION``, else auto, which
+is fp32 on a CPU) decides how the forward passes run: ``loss_on_step`` and ``evaluate`` are called
+under ``autocast``, and fp16's loss scale is saved in the checkpoint with the rest.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .precision import autocast, grad_scaler, resolve_precision
 from .training import (
     InterruptGuard,
+    backward_and_step,
     check_finite,
     cosine_with_warmup,
     load_checkpoint,
@@ -48,13 +54,28 @@ from .training import (
 LossOnStep = Callable[[int], tuple[torch.Tensor, dict]]  # step -> (loss to minimise, stats to log)
 
 
-def train_loop(model, optimizer: torch.optim.Optimizer, loss_on_step: LossOnStep, *, steps: int,
-               learning_rate: float, warmup_steps: int, max_grad_norm: float, name: str,
-               evaluate: Callable[[], dict] | None = None, eval_every: int = 0,
-               checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, identity: dict | None = None,
-               resume: bool = True, stop_after_steps: int | None = None,
-               callback: Callable[[dict], None] | None = None, progress: bool = True,
-               description: str | None = None) -> list[dict]:
+def train_loop(
+    model,
+    optimizer: torch.optim.Optimizer,
+    loss_on_step: LossOnStep,
+    *,
+    steps: int,
+    learning_rate: float,
+    warmup_steps: int,
+    max_grad_norm: float,
+    name: str,
+    evaluate: Callable[[], dict] | None = None,
+    eval_every: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    identity: dict | None = None,
+    resume: bool = True,
+    stop_after_steps: int | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    description: str | None = None,
+    precision: str | None = None,
+) -> list[dict]:
     """Train ``model`` for ``steps`` optimizer steps; returns the history, one dict per step.
 
     ``loss_on_step(step)`` returns the step's loss (a scalar tensor with gradients) and a dict of
@@ -66,21 +87,38 @@ def train_loop(model, optimizer: torch.optim.Optimizer, loss_on_step: LossOnStep
     With ``checkpoint_dir``: a checkpoint every ``checkpoint_every`` steps (0: never) and on
     Ctrl-C; with ``resume`` a checkpoint of the same ``identity`` found there is continued.
     ``stop_after_steps`` ends this call after that many steps, saving a checkpoint (to train in
-    slices, or to test resuming). ``callback(record)`` runs after every step.
+    slices, or to test resuming). ``callback(record)`` runs after every step. ``precision``: see the
+    module docstring; with fp16 a step whose gradients overflowed is skipped (its ``grad_norm`` is inf).
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     identity_text = json.dumps(identity, sort_keys=True, default=str)
-    history, start = _resumed(checkpoint_dir, identity_text, model, optimizer) if resume else ([], 0)
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
+    scaler = grad_scaler(device, precision)
+    history, start = _resumed(checkpoint_dir, identity_text, model, optimizer, scaler) if resume else ([], 0)
 
     def save(at_step: int) -> None:
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, model, optimizer, at_step, history, extra={"identity": identity_text})
+            save_checkpoint(
+                checkpoint_dir,
+                model,
+                optimizer,
+                at_step,
+                history,
+                extra={"identity": identity_text, "scaler": scaler.state_dict()},
+            )
 
-    with (tqdm(total=steps, initial=start, desc=description or name, disable=not progress) as bar,
-          InterruptGuard() as interrupt):
+    def evaluated() -> dict:
+        with autocast(device, precision):
+            return evaluate()
+
+    with (
+        tqdm(total=steps, initial=start, desc=description or name, disable=not progress) as bar,
+        InterruptGuard() as interrupt,
+    ):
         interrupt.busy = True  # a first Ctrl-C is held until the step ends
         if start == 0 and evaluate is not None:
-            history = [{"step": 0, **evaluate()}]  # before training: the baseline of every curve
+            history = [{"step": 0, **evaluated()}]  # before training: the baseline of every curve
         for step in range(start, steps):
             if stop_after_steps is not None and step - start >= stop_after_steps:
                 save(step)
@@ -88,17 +126,16 @@ def train_loop(model, optimizer: torch.optim.Optimizer, loss_on_step: LossOnStep
             model.train()
             lr = cosine_with_warmup(step, steps, warmup_steps, learning_rate)
             set_learning_rate(optimizer, lr)
-            loss, stats = loss_on_step(step)
+            with autocast(device, precision):
+                loss, stats = loss_on_step(step)
             check_finite(loss, f"{name} loss", step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            check_finite(grad_norm, f"{name} gradient norm", step)
-            optimizer.step()
+            grad_norm = backward_and_step(loss, optimizer, scaler, model.parameters(), max_grad_norm)
+            if not scaler.is_enabled():  # fp16 skips an overflowing step and retries at a smaller scale
+                check_finite(grad_norm, f"{name} gradient norm", step)
 
             record = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), **stats}
             if evaluate is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
-                record.update(evaluate())
+                record.update(evaluated())
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -115,17 +152,25 @@ def train_loop(model, optimizer: torch.optim.Optimizer, loss_on_step: LossOnStep
     return history
 
 
-def _resumed(checkpoint_dir: Path | None, identity_text: str, model, optimizer) -> tuple[list[dict], int]:
-    """``(history, step)`` of the checkpoint in ``checkpoint_dir``, loaded into ``model`` and
-    ``optimizer``; ``([], 0)`` when there is none or it was made with another identity."""
+def _resumed(
+    checkpoint_dir: Path | None, identity_text: str, model, optimizer, scaler: torch.amp.GradScaler | None = None
+) -> tuple[list[dict], int]:
+    """``(history, step)`` of the checkpoint in ``checkpoint_dir``, loaded into ``model``,
+    ``optimizer`` and ``scaler`` (fp16's loss scale); ``([], 0)`` when there is none or it was made
+    with another identity."""
     if checkpoint_dir is None or not (checkpoint_dir / "training_state.pt").exists():
         return [], 0
     saved = torch.load(checkpoint_dir / "training_state.pt", weights_only=True)["extra"].get("identity")
     if saved != identity_text:
-        warnings.warn(f"the checkpoint in {checkpoint_dir} was made with another config or other data: "
-                      f"ignoring it and starting over", stacklevel=3)
+        warnings.warn(
+            f"the checkpoint in {checkpoint_dir} was made with another config or other data: "
+            f"ignoring it and starting over",
+            stacklevel=3,
+        )
         return [], 0
     restored = load_checkpoint(checkpoint_dir, model, optimizer)
+    if scaler is not None and scaler.is_enabled() and restored["extra"].get("scaler"):
+        scaler.load_state_dict(restored["extra"]["scaler"])
     return restored["history"], restored["step"]
 
 
@@ -143,7 +188,7 @@ def batch_rows(step: int, n_rows: int, batch_size: int, seed: int, drop_last: bo
         raise ValueError(f"{n_rows} rows make no batch of {batch_size}")
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[index * batch_size:(index + 1) * batch_size].tolist()
+    return order[index * batch_size : (index + 1) * batch_size].tolist()
 
 
 def steps_done(history: list[dict]) -> int:

@@ -8,11 +8,13 @@ from safetensors files; nothing here runs code shipped with a model (no ``trust_
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
 
 from .config import Profile
 from .errors import HubUnreachableError, MissingCheckpointError
@@ -37,11 +39,13 @@ def pretrained_error(name_or_path: str, what: str, error: Exception) -> Exceptio
         build = HOW_TO_BUILD.get(folder.name, "the stage of the course that writes it")
         return MissingCheckpointError(
             f"no {what} checkpoint at {folder}: build it with `{build}` "
-            f"(or run the chapter that creates it). Original error: {error}")
+            f"(or run the chapter that creates it). Original error: {error}"
+        )
     return HubUnreachableError(
         f"could not load the {what} '{name_or_path}' from the Hugging Face hub (offline, or the hub "
         f"is unreachable). The course runs without the hub in the 'tiny' profile: set "
-        f"RLHF_PROFILE=tiny or pass --profile tiny. Original error: {error}")
+        f"RLHF_PROFILE=tiny or pass --profile tiny. Original error: {error}"
+    )
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -53,13 +57,13 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_causal_lm(name_or_path: str | Path, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_causal_lm(
+    name_or_path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """A causal LM from the hub or a local folder (safetensors), dropout off, in eval mode."""
     name_or_path = str(name_or_path)
     try:
-        model = GPT2LMHeadModel.from_pretrained(name_or_path, torch_dtype=dtype or torch.float32,
-                                                use_safetensors=True)
+        model = GPT2LMHeadModel.from_pretrained(name_or_path, torch_dtype=dtype or torch.float32, use_safetensors=True)
     except OSError as error:
         raise pretrained_error(name_or_path, "model", error) from error
     disable_dropout(model)
@@ -68,8 +72,9 @@ def load_causal_lm(name_or_path: str | Path, device: torch.device | str | None =
     return model.eval()
 
 
-def new_model(profile: Profile, vocab_size: int, eos_token_id: int, pad_token_id: int,
-              seed: int = 0) -> GPT2LMHeadModel:
+def new_model(
+    profile: Profile, vocab_size: int, eos_token_id: int, pad_token_id: int, seed: int = 0
+) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 of the profile's shape (what pretraining starts from)."""
     config = GPT2Config(
         vocab_size=vocab_size,
@@ -78,7 +83,9 @@ def new_model(profile: Profile, vocab_size: int, eos_token_id: int, pad_token_id
         n_layer=profile.n_layer,
         n_head=profile.n_head,
         # The world's text is unlimited and never repeats exactly: no need for dropout.
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
@@ -89,3 +96,36 @@ def new_model(profile: Profile, vocab_size: int, eos_token_id: int, pad_token_id
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----- the reward model on disk: a plain GPT2ForSequenceClassification folder -------------------------
+
+
+def save_reward_model(model, folder: str | Path, tokenizer=None, metrics: dict | None = None) -> Path:
+    """Write ``config.json`` (with the normalisation) and ``model.safetensors`` (and the tokenizer
+    and ``metrics.json`` when given), atomically: a half-written folder never replaces a good one."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    model.save_pretrained(partial, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    if metrics is not None:
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return folder
+
+
+def load_reward_model(folder: str | Path, device: torch.device | str | None = None) -> GPT2ForSequenceClassification:
+    """A reward model saved by ``save_reward_model`` (dropout off, eval mode)."""
+    try:
+        model = GPT2ForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
+    except OSError as error:
+        raise pretrained_error(str(folder), "reward model", error) from error
+    disable_dropout(model)
+    if device is not None:
+        model.to(device)
+    return model.eval()

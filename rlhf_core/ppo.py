@@ -85,9 +85,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Normalise ``values`` to zero mean and unit variance over the real positions.
 
     values: (B, T) -> (B, T), zero outside the mask.
@@ -304,9 +302,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(probs * safe_log_probs).sum(dim=-1)
 
 
-def explained_variance(
-    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None
-) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """1 - Var[R - V] / Var[R] over the real positions.
 
     1 means the value head predicts the returns perfectly, 0 means it is no better than a constant,

@@ -169,22 +169,31 @@ class Candidates:
     golds: list[list[float]]  # golds[i][j]: its gold score (labels and analysis only)
 
 
-def sample_candidates(policy, tokenizer, prompts: Sequence[str], config: PreferenceConfig, seed: int = 0,
-                      progress: bool = False) -> Candidates:
+def sample_candidates(
+    policy, tokenizer, prompts: Sequence[str], config: PreferenceConfig, seed: int = 0, progress: bool = False
+) -> Candidates:
     """``config.responses_per_prompt`` responses per prompt from ``policy``, with their gold scores."""
     k, n = config.responses_per_prompt, len(prompts)
     # Row j * n + i holds the j-th response to prompt i: one call samples them all in big batches.
     repeated = [prompt for _ in range(k) for prompt in prompts]
-    responses, ended = sample_responses(policy, tokenizer, repeated, config.max_new_tokens,
-                                        temperature=config.sampling_temperature,
-                                        batch_size=config.generation_batch_size, seed=seed,
-                                        progress=progress)
+    responses, ended = sample_responses(
+        policy,
+        tokenizer,
+        repeated,
+        config.max_new_tokens,
+        temperature=config.sampling_temperature,
+        batch_size=config.generation_batch_size,
+        seed=seed,
+        progress=progress,
+    )
     golds = gold_scores(repeated, responses, ended)  # the hidden human: for labels and analysis only
     rows = [[j * n + i for j in range(k)] for i in range(n)]
-    return Candidates(prompts=list(prompts),
-                      responses=[[responses[r] for r in row] for row in rows],
-                      ended=[[bool(ended[r]) for r in row] for row in rows],
-                      golds=[[float(golds[r]) for r in row] for row in rows])
+    return Candidates(
+        prompts=list(prompts),
+        responses=[[responses[r] for r in row] for row in rows],
+        ended=[[bool(ended[r]) for r in row] for row in rows],
+        golds=[[float(golds[r]) for r in row] for row in rows],
+    )
 
 
 def label_candidates(candidates: Candidates, labeler: PreferenceLabeler, source: str = "simulated") -> list[dict]:
@@ -194,25 +203,32 @@ def label_candidates(candidates: Candidates, labeler: PreferenceLabeler, source:
     valid record) are skipped, so there can be fewer records than pairs. Prompt order is kept.
     """
     records = []
-    for prompt, responses, ended, golds in zip(candidates.prompts, candidates.responses, candidates.ended,
-                                               candidates.golds):
+    for prompt, responses, ended, golds in zip(
+        candidates.prompts, candidates.responses, candidates.ended, candidates.golds
+    ):
         for a in range(len(responses)):
             for b in range(a + 1, len(responses)):
                 if responses[a] == responses[b] or not responses[a].strip() or not responses[b].strip():
                     continue
                 chosen, rejected = (a, b) if labeler.prefers_first(golds[a], golds[b]) else (b, a)
-                records.append({
-                    "prompt": prompt,
-                    "chosen": responses[chosen], "rejected": responses[rejected],
-                    "chosen_gold": golds[chosen], "rejected_gold": golds[rejected],
-                    "chosen_ended": ended[chosen], "rejected_ended": ended[rejected],
-                    "source": source,
-                })
+                records.append(
+                    {
+                        "prompt": prompt,
+                        "chosen": responses[chosen],
+                        "rejected": responses[rejected],
+                        "chosen_gold": golds[chosen],
+                        "rejected_gold": golds[rejected],
+                        "chosen_ended": ended[chosen],
+                        "rejected_ended": ended[rejected],
+                        "source": source,
+                    }
+                )
     return records
 
 
-def build_preferences(policy, tokenizer, prompts: Sequence[str], config: PreferenceConfig,
-                      seed: int = 0, progress: bool = False) -> list[dict]:
+def build_preferences(
+    policy, tokenizer, prompts: Sequence[str], config: PreferenceConfig, seed: int = 0, progress: bool = False
+) -> list[dict]:
     """Sample ``config.responses_per_prompt`` responses per prompt from ``policy`` (seed ``seed``),
     score them with the gold and let a simulated labeler (seed ``seed + 1``, temperature
     ``config.labeler_temperature``) compare every pair of them. See ``label_candidates``."""
@@ -222,15 +238,16 @@ def build_preferences(policy, tokenizer, prompts: Sequence[str], config: Prefere
     return label_candidates(candidates, PreferenceLabeler(temperature=config.labeler_temperature, seed=seed + 1))
 
 
-def split_preferences(records: Sequence[dict], heldout_fraction: float = 0.1,
-                      seed: int = 0) -> tuple[list[dict], list[dict]]:
+def split_preferences(
+    records: Sequence[dict], heldout_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """``(train, heldout)``, split by *prompt*: all pairs of a prompt land on the same side, so
     held-out accuracy measures pairs whose prompt the reward model has never seen."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     prompts = sorted({record["prompt"] for record in records})
     random.Random(seed).shuffle(prompts)
-    heldout_prompts = set(prompts[:round(heldout_fraction * len(prompts))])
+    heldout_prompts = set(prompts[: round(heldout_fraction * len(prompts))])
     train = [record for record in records if record["prompt"] not in heldout_prompts]
     heldout = [record for record in records if record["prompt"] in heldout_prompts]
     return train, heldout

@@ -30,17 +30,17 @@ feedback") and Ouyang et al. (2022, InstructGPT), with the details collected by 
    coefficient of PPO means the same thing from run to run. They are stored in ``config.json``
    as ``reward_gain`` / ``reward_bias``; ``normalize=True`` (the default) applies them:
    normalised = reward_gain * raw + reward_bias.
+
+Under mixed precision (``precision``, see ``rlhf_core.precision``) the transformer runs in 16 bits;
+the scores are cast to float32 before any loss, mean or normalisation is computed from them.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +48,18 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2ForSequenceClassification
 
-from .batching import TokenBatch, encode_responses, last_token_index, pack, position_ids_from_mask
+from .batching import (
+    TokenBatch,
+    encode_responses,
+    last_token_index,
+    pack,
+    per_row_in_buckets,
+    position_ids_from_mask,
+)
 from .config import Profile, get_profile, seed_everything, with_overrides
 from .loop import batch_rows, fingerprint, steps_per_epoch, train_loop
-from .models import disable_dropout, pretrained_error
+from .models import disable_dropout
+from .precision import autocast, resolve_precision
 from .training import adamw
 
 
@@ -76,10 +84,26 @@ class RewardModelConfig:
         """The defaults the course uses (and caches) for a profile, with ``overrides`` applied."""
         profile = profile if isinstance(profile, Profile) else get_profile(profile)
         if profile.name == "gpt2":  # a 124M model: the papers' single epoch and a gentler rate
-            config = cls(epochs=1, batch_size=16, learning_rate=1e-5, warmup_steps=11,  # 5% of ~225 steps
-                         eval_every=50, score_batch_size=64)
+            config = cls(
+                epochs=1,
+                batch_size=16,
+                learning_rate=1e-5,
+                warmup_steps=11,  # 5% of ~225 steps
+                eval_every=50,
+                score_batch_size=64,
+            )
         else:
             config = cls()
+        if profile.quick:  # a smoke test (config.quick_variant): a few steps, few normalisation samples
+            config = replace(
+                config,
+                steps=16,
+                batch_size=8,
+                warmup_steps=2,
+                eval_every=8,
+                n_normalization_prompts=32,
+                score_batch_size=32,
+            )
         return with_overrides(config, overrides)
 
     def total_steps(self, n_train: int) -> int:
@@ -116,33 +140,42 @@ def reward_model_from_policy(policy) -> GPT2ForSequenceClassification:
 
 def normalization(reward_model) -> tuple[float, float]:
     """(gain, bias) of the stored normalisation; (1, 0) before ``fit_normalization``."""
-    return (float(getattr(reward_model.config, "reward_gain", 1.0)),
-            float(getattr(reward_model.config, "reward_bias", 0.0)))
+    return (
+        float(getattr(reward_model.config, "reward_gain", 1.0)),
+        float(getattr(reward_model.config, "reward_bias", 0.0)),
+    )
 
 
-def score_batch(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                normalize: bool = True) -> torch.Tensor:
+def score_batch(
+    reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
     """r_phi(x, y) of each row, read at its last real token. (B, T) -> (B,)
 
     Gradients flow (training uses this too); wrap in ``torch.no_grad()`` to score only.
     """
     hidden = reward_model.transformer(
-        input_ids=input_ids, attention_mask=attention_mask,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),  # left padding must not shift positions
         use_cache=False,
     ).last_hidden_state  # (B, T, d)
     last = last_token_index(attention_mask)  # (B,) column of the last real token: EOS if present
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    scores = reward_model.score(hidden[rows, last]).squeeze(-1)  # (B,)
+    scores = reward_model.score(hidden[rows, last]).squeeze(-1).float()  # (B,) float32 under autocast too
     if normalize:
         gain, bias = normalization(reward_model)
         scores = gain * scores + bias
     return scores
 
 
-def encode_for_scoring(tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                       ended: Sequence[bool] | None = None, max_length: int | None = None,
-                       padding_side: str = "right") -> TokenBatch:
+def encode_for_scoring(
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    ended: Sequence[bool] | None = None,
+    max_length: int | None = None,
+    padding_side: str = "right",
+) -> TokenBatch:
     """Prompt + response tokens; EOS is appended to the responses that ended (all, by default).
 
     ``max_length`` (the model's context) cuts over-long responses from the end, keeping their EOS.
@@ -156,9 +189,10 @@ def encode_for_scoring(tokenizer, prompts: Sequence[str], responses: Sequence[st
     response_ids = encode_responses(tokenizer, responses, add_eos=False)
     response_ids = [ids + [tokenizer.eos_token_id] if end else ids for ids, end in zip(response_ids, ended)]
     if max_length is not None:
-        response_ids = [ids if len(p) + len(ids) <= max_length
-                        else ids[:max(0, max_length - len(p) - 1)] + ids[-1:]
-                        for p, ids in zip(prompt_ids, response_ids)]
+        response_ids = [
+            ids if len(p) + len(ids) <= max_length else ids[: max(0, max_length - len(p) - 1)] + ids[-1:]
+            for p, ids in zip(prompt_ids, response_ids)
+        ]
     return pack(prompt_ids, response_ids, tokenizer.pad_token_id, padding_side)
 
 
@@ -167,22 +201,42 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def score_texts(reward_model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                batch_size: int = 128, normalize: bool = True,
-                ended: Sequence[bool] | None = None) -> np.ndarray:
+def score_texts(
+    reward_model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int = 128,
+    normalize: bool = True,
+    ended: Sequence[bool] | None = None,
+    precision: str | None = None,
+) -> np.ndarray:
     """r_phi(x, y) for many (prompt, response) texts, as a float array.
 
     ``ended[i]`` False: response i never produced EOS (it hit the length limit); it is scored at
-    its last token, without EOS. ``ended=None`` treats every response as finished.
+    its last token, without EOS. ``ended=None`` treats every response as finished. ``precision``:
+    fp32, bf16 or fp16 (None: ``RLHF_PRECISION``, else auto).
     """
     reward_model.eval()
+    device = _device(reward_model)
+    precision = resolve_precision(precision, device)
     ended = [True] * len(responses) if ended is None else list(ended)
     scores = []
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
-        batch = encode_for_scoring(tokenizer, prompts[start:stop], responses[start:stop], ended[start:stop],
-                                   max_length=reward_model.config.n_positions).to(_device(reward_model))
-        scores.append(score_batch(reward_model, batch.input_ids, batch.attention_mask, normalize).float().cpu())
+        batch = encode_for_scoring(
+            tokenizer,
+            prompts[start:stop],
+            responses[start:stop],
+            ended[start:stop],
+            max_length=reward_model.config.n_positions,
+        ).to(_device(reward_model))
+        with autocast(device, precision):  # rows of similar length together: no pass pays for the longest text
+            scores.append(
+                per_row_in_buckets(
+                    batch, lambda rows: score_batch(reward_model, rows.input_ids, rows.attention_mask, normalize)
+                ).cpu()
+            )
     return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
 
 
@@ -197,32 +251,57 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
 
 
 def _pair_batch(tokenizer, records: Sequence[dict], max_length: int) -> TokenBatch:
-    """One batch of 2n texts: the n chosen responses, then the n rejected ones (same prompts)."""
+    """One batch of 2n texts: the n chosen responses, then the n rejected ones (same prompts).
+    Scored with ``batching.per_row_in_buckets``, a chosen text is not padded to its rejected one."""
     prompts = [r["prompt"] for r in records]
     responses = [r["chosen"] for r in records] + [r["rejected"] for r in records]
-    ended = ([r.get("chosen_ended", True) for r in records] + [r.get("rejected_ended", True) for r in records])
+    ended = [r.get("chosen_ended", True) for r in records] + [r.get("rejected_ended", True) for r in records]
     return encode_for_scoring(tokenizer, prompts + prompts, responses, ended, max_length)
 
 
-def pair_scores(reward_model, tokenizer, records: Sequence[dict], batch_size: int = 128,
-                normalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def pair_scores(
+    reward_model,
+    tokenizer,
+    records: Sequence[dict],
+    batch_size: int = 128,
+    normalize: bool = False,
+    precision: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(chosen scores, rejected scores) of preference records, raw unless ``normalize``."""
     prompts = [r["prompt"] for r in records]
-    chosen = score_texts(reward_model, tokenizer, prompts, [r["chosen"] for r in records], batch_size,
-                         normalize, [r.get("chosen_ended", True) for r in records])
-    rejected = score_texts(reward_model, tokenizer, prompts, [r["rejected"] for r in records], batch_size,
-                           normalize, [r.get("rejected_ended", True) for r in records])
+    chosen = score_texts(
+        reward_model,
+        tokenizer,
+        prompts,
+        [r["chosen"] for r in records],
+        batch_size,
+        normalize,
+        [r.get("chosen_ended", True) for r in records],
+        precision,
+    )
+    rejected = score_texts(
+        reward_model,
+        tokenizer,
+        prompts,
+        [r["rejected"] for r in records],
+        batch_size,
+        normalize,
+        [r.get("rejected_ended", True) for r in records],
+        precision,
+    )
     return chosen, rejected
 
 
-def pairwise_accuracy(reward_model, tokenizer, records: Sequence[dict], batch_size: int = 128) -> dict:
+def pairwise_accuracy(
+    reward_model, tokenizer, records: Sequence[dict], batch_size: int = 128, precision: str | None = None
+) -> dict:
     """How often the reward model ranks a pair the way the labels do, and the way the gold does.
 
     ``accuracy_labels``: share of pairs where r(chosen) > r(rejected) (ties count one half).
     ``accuracy_gold``: the same against the noise-free gold order, over pairs that have gold scores
     and no gold tie (NaN when there are none). Also ``loss`` (Bradley-Terry) and ``n_pairs``.
     """
-    chosen, rejected = pair_scores(reward_model, tokenizer, records, batch_size)
+    chosen, rejected = pair_scores(reward_model, tokenizer, records, batch_size, precision=precision)
     margin = chosen - rejected  # (N,)
     agree = (margin > 0) + 0.5 * (margin == 0)
     gold_gap = np.array([r.get("chosen_gold", np.nan) - r.get("rejected_gold", np.nan) for r in records])
@@ -237,12 +316,19 @@ def pairwise_accuracy(reward_model, tokenizer, records: Sequence[dict], batch_si
     }
 
 
-def train_reward_model(reward_model, tokenizer, train_records: Sequence[dict],
-                       heldout_records: Sequence[dict], config: RewardModelConfig, progress: bool = True,
-                       out_dir: str | Path | None = None, resume: bool = True,
-                       stop_after_steps: int | None = None,
-                       callback: Callable[[dict], None] | None = None,
-                       ) -> tuple[GPT2ForSequenceClassification, list[dict]]:
+def train_reward_model(
+    reward_model,
+    tokenizer,
+    train_records: Sequence[dict],
+    heldout_records: Sequence[dict],
+    config: RewardModelConfig,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    stop_after_steps: int | None = None,
+    callback: Callable[[dict], None] | None = None,
+    precision: str | None = None,
+) -> tuple[GPT2ForSequenceClassification, list[dict]]:
     """Fit r_phi to the labels with the Bradley-Terry loss; returns ``(reward_model, history)``.
 
     ``history`` has one dict per step: ``step``, ``epoch`` (passes so far), ``lr``, ``grad_norm``,
@@ -255,37 +341,62 @@ def train_reward_model(reward_model, tokenizer, train_records: Sequence[dict],
     ``out_dir/checkpoint`` (``resume=True`` continues from it); ``stop_after_steps`` ends this call
     early after saving one. Nothing else is written: the model is finished (``fit_normalization``)
     and saved by the caller, whose save replaces the folder holding the checkpoint.
+    ``precision``: fp32, bf16 or fp16 (None: ``RLHF_PRECISION``, else auto), see ``rlhf_core.precision``.
     """
     if not train_records:
         raise ValueError("no training pairs")
     seed_everything(config.seed)
     device = _device(reward_model)
+    precision = resolve_precision(precision, device)
     max_length = reward_model.config.n_positions
     per_epoch = steps_per_epoch(len(train_records), config.batch_size)
 
     def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
         pairs = [train_records[i] for i in batch_rows(step, len(train_records), config.batch_size, config.seed)]
         batch = _pair_batch(tokenizer, pairs, max_length).to(device)
-        scores = score_batch(reward_model, batch.input_ids, batch.attention_mask, normalize=False)  # (2n,)
-        chosen_scores, rejected_scores = scores[:len(pairs)], scores[len(pairs):]  # (n,), (n,)
+        scores = per_row_in_buckets(
+            batch,
+            lambda rows: score_batch(  # (2n,), in buckets of similar length
+                reward_model, rows.input_ids, rows.attention_mask, normalize=False
+            ),
+        )
+        chosen_scores, rejected_scores = scores[: len(pairs)], scores[len(pairs) :]  # (n,), (n,)
         accuracy = (chosen_scores > rejected_scores).float().mean().item()
-        return bradley_terry_loss(chosen_scores, rejected_scores), {"accuracy": accuracy,
-                                                                    "epoch": (step + 1) / per_epoch}
+        return bradley_terry_loss(chosen_scores, rejected_scores), {
+            "accuracy": accuracy,
+            "epoch": (step + 1) / per_epoch,
+        }
 
     def evaluate() -> dict:
-        metrics = pairwise_accuracy(reward_model, tokenizer, heldout_records, config.score_batch_size)
-        return {"heldout_accuracy_labels": metrics["accuracy_labels"],
-                "heldout_accuracy_gold": metrics["accuracy_gold"], "heldout_loss": metrics["loss"]}
+        metrics = pairwise_accuracy(reward_model, tokenizer, heldout_records, config.score_batch_size, precision)
+        return {
+            "heldout_accuracy_labels": metrics["accuracy_labels"],
+            "heldout_accuracy_gold": metrics["accuracy_gold"],
+            "heldout_loss": metrics["loss"],
+        }
 
     checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
     history = train_loop(
-        reward_model, adamw(reward_model, config.learning_rate, config.weight_decay), loss_on_step,
-        steps=config.total_steps(len(train_records)), learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm, name="reward-model",
-        description="training reward model", evaluate=evaluate if heldout_records else None,
-        eval_every=config.eval_every, checkpoint_dir=checkpoint, checkpoint_every=config.checkpoint_every,
+        reward_model,
+        adamw(reward_model, config.learning_rate, config.weight_decay),
+        loss_on_step,
+        steps=config.total_steps(len(train_records)),
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        name="reward-model",
+        description="training reward model",
+        evaluate=evaluate if heldout_records else None,
+        eval_every=config.eval_every,
+        checkpoint_dir=checkpoint,
+        checkpoint_every=config.checkpoint_every,
         identity={"config": asdict(config), "data": fingerprint([list(train_records), list(heldout_records)])},
-        resume=resume, stop_after_steps=stop_after_steps, callback=callback, progress=progress)
+        resume=resume,
+        stop_after_steps=stop_after_steps,
+        callback=callback,
+        progress=progress,
+        precision=precision,
+    )
     return reward_model, history
 
 
@@ -297,48 +408,23 @@ def history_last(history: Sequence[dict], key: str) -> float:
     return float("nan")
 
 
-def fit_normalization(reward_model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                      ended: Sequence[bool] | None = None, batch_size: int = 128) -> dict:
+def fit_normalization(
+    reward_model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    ended: Sequence[bool] | None = None,
+    batch_size: int = 128,
+    precision: str | None = None,
+) -> dict:
     """Set the stored gain and bias so that the scores of these responses (samples of the SFT
     policy) have mean 0 and standard deviation 1. Returns the raw ``mean`` and ``std``."""
-    raw = score_texts(reward_model, tokenizer, prompts, responses, batch_size, normalize=False, ended=ended)
+    raw = score_texts(
+        reward_model, tokenizer, prompts, responses, batch_size, normalize=False, ended=ended, precision=precision
+    )
     mean, std = float(raw.mean()), float(raw.std())
     if not std > 0:
         raise ValueError(f"reward-model scores have no spread (std {std}): cannot normalise")
     reward_model.config.reward_gain = 1.0 / std
     reward_model.config.reward_bias = -mean / std
     return {"mean": mean, "std": std}
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving, loading, and the cached stage
-
-
-def save_reward_model(model, folder: str | Path, tokenizer=None, metrics: dict | None = None) -> Path:
-    """Write ``config.json`` (with the normalisation) and ``model.safetensors`` (and the tokenizer
-    and ``metrics.json`` when given), atomically: a half-written folder never replaces a good one."""
-    folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    model.save_pretrained(partial, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(partial)
-    if metrics is not None:
-        (partial / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(partial, folder)
-    return folder
-
-
-def load_reward_model(folder: str | Path, device: torch.device | str | None = None) -> GPT2ForSequenceClassification:
-    """A reward model saved by ``save_reward_model`` (dropout off, eval mode)."""
-    try:
-        model = GPT2ForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
-    except OSError as error:
-        raise pretrained_error(str(folder), "reward model", error) from error
-    disable_dropout(model)
-    if device is not None:
-        model.to(device)
-    return model.eval()

@@ -25,6 +25,11 @@ controller, the random generators and the history; ``step`` draws prompts and ru
 ``ppo_iteration``, ``train`` runs many and checkpoints through ``rlhf_core.training``, so that an
 interrupted run resumes to the same result.
 
+Mixed precision (``rlhf_core.precision``): the state carries the resolved ``precision`` and its
+``GradScaler``; the rollout, the scoring and the update's forward passes run under ``autocast``,
+while log-probs, values, scores, KL, advantages and losses are float32, and every update goes
+through ``training.backward_and_step``.
+
 Every number the loop logs is explained in ``PPOTrainer``; the gold score is computed for the
 learner only and never enters training. Details follow "The N Implementation Details of RLHF with
 PPO" (Huang, Liu & von Werra, 2023) where they matter: dropout off, temperature-scaled log-probs,
@@ -47,9 +52,10 @@ from .config import Profile, get_profile, with_overrides
 from .errors import CourseError
 from .generation import Generation, generate
 from .gold import gold_scores
-from .logprobs import token_logprobs_from_logits
+from .logprobs import forward_logits, token_logprobs_from_logits
+from .precision import autocast, resolve_precision
 from .reward_model import normalization
-from .training import check_finite
+from .training import backward_and_step, check_finite
 
 # The adaptive controller's default horizon, in iterations: its samples are this many iterations'
 # responses, so beta moves by at most a factor 1 +- 0.2 / 10 per iteration (K_beta = 0.1 in Ziegler
@@ -87,11 +93,15 @@ class PPOConfig:
 
     def __post_init__(self):
         if self.kl_estimator not in ppo.KL_ESTIMATORS:
-            raise CourseError(f"PPOConfig kl_estimator={self.kl_estimator!r} is unknown: use one of "
-                              f"{', '.join(ppo.KL_ESTIMATORS)} (see rlhf_core.ppo.kl_estimate)")
+            raise CourseError(
+                f"PPOConfig kl_estimator={self.kl_estimator!r} is unknown: use one of "
+                f"{', '.join(ppo.KL_ESTIMATORS)} (see rlhf_core.ppo.kl_estimate)"
+            )
         if self.kl_horizon is not None and self.kl_horizon <= 0:
-            raise CourseError(f"PPOConfig kl_horizon={self.kl_horizon} must be a positive number of samples, "
-                              f"or None for {KL_HORIZON_ITERATIONS} iterations' samples")
+            raise CourseError(
+                f"PPOConfig kl_horizon={self.kl_horizon} must be a positive number of samples, "
+                f"or None for {KL_HORIZON_ITERATIONS} iterations' samples"
+            )
 
     @classmethod
     def for_profile(cls, profile: Profile | str | None = None, **overrides) -> PPOConfig:
@@ -101,6 +111,15 @@ class PPOConfig:
         defaults = {"max_new_tokens": profile.max_new_tokens}
         if profile.name == "gpt2":
             defaults.update(iterations=100, policy_learning_rate=1.41e-5, value_learning_rate=3e-5, kl_coef=0.1)
+        if profile.quick:  # a smoke test (config.quick_variant): a few small iterations
+            defaults.update(
+                iterations=4,
+                prompts_per_iteration=16,
+                minibatch_size=8,
+                ppo_epochs=2,
+                sample_every=2,
+                checkpoint_every=2,
+            )
         return with_overrides(cls(**defaults), overrides)
 
 
@@ -127,9 +146,10 @@ class ValueModel(nn.Module):
         self.head = head  # Linear(d, 1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, d)
-        values = self.head(hidden).squeeze(-1)  # (B, T): value after reading token t
+        hidden = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        ).last_hidden_state  # (B, T, d)
+        values = self.head(hidden).squeeze(-1).float()  # (B, T): value after reading token t (float32)
         return nn.functional.pad(values[:, :-1], (1, 0))  # (B, T): value before writing token t
 
     @classmethod
@@ -188,22 +208,29 @@ class PPOState:
     shuffle_generator: torch.Generator  # CPU: prompt draws and minibatch order
     sampling_generator: torch.Generator  # on the policy's device: token sampling
     iteration: int = 0  # iterations done
+    precision: str = "fp32"  # resolved precision of the forward passes (``rlhf_core.precision``)
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling (None or disabled: plain steps)
 
 
 # ----- the steps of one iteration, in order --------------------------------------------------------
-def rollout(policy, tokenizer, prompts: list[str], config: PPOConfig,
-            generator: torch.Generator | None = None) -> Generation:
+def rollout(
+    policy,
+    tokenizer,
+    prompts: list[str],
+    config: PPOConfig,
+    generator: torch.Generator | None = None,
+    precision: str | None = None,
+) -> Generation:
     """Step 1: one response per prompt, sampled from the policy at the config's temperature,
     until EOS or ``max_new_tokens``."""
     policy.eval()
-    return generate(policy, tokenizer, prompts, config.max_new_tokens, config.temperature, generator)
+    return generate(policy, tokenizer, prompts, config.max_new_tokens, config.temperature, generator, precision)
 
 
 def _logits_and_logprobs(model, batch: TokenBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's logits (B, T, V) and the log-probs of the response tokens at the sampling
-    temperature (B, T), 0 outside the response."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=position_ids_from_mask(batch.attention_mask)).logits  # (B, T, V)
+    temperature (B, T) in float32, 0 outside the response."""
+    logits = forward_logits(model, batch.input_ids, batch.attention_mask)  # (B, T, V)
     logprobs = token_logprobs_from_logits(logits, batch.input_ids, temperature) * batch.response_mask
     return logits, logprobs
 
@@ -220,22 +247,28 @@ class Scores:
 
 
 @torch.no_grad()
-def score(models: PPOModels, batch: Generation, config: PPOConfig, iteration: int = 0) -> Scores:
+def score(
+    models: PPOModels, batch: Generation, config: PPOConfig, iteration: int = 0, precision: str | None = None
+) -> Scores:
     """Step 2: log-probs under the policy and the reference, values, and the reward model's score
     at the last real token, penalised when the response never produced EOS. ``iteration`` names
-    the iteration in the error raised for a NaN score."""
+    the iteration in the error raised for a NaN score. Forward passes under ``precision``'s
+    autocast (None: ``RLHF_PRECISION``, else auto); every reading is float32."""
     response_mask = batch.response_mask.float()  # (B, T)
-    _, logprobs = _logits_and_logprobs(models.policy, batch, config.temperature)  # (B, T)
-    _, ref_logprobs = _logits_and_logprobs(models.reference, batch, config.temperature)  # (B, T)
-    values = models.value_model(batch.input_ids, batch.attention_mask) * response_mask  # (B, T)
-    reward_model_scores = models.score_fn(models.reward_model, batch.input_ids, batch.attention_mask).float()  # (B,)
+    device = batch.input_ids.device
+    with autocast(device, resolve_precision(precision, device)):
+        _, logprobs = _logits_and_logprobs(models.policy, batch, config.temperature)  # (B, T)
+        _, ref_logprobs = _logits_and_logprobs(models.reference, batch, config.temperature)  # (B, T)
+        values = models.value_model(batch.input_ids, batch.attention_mask).float() * response_mask  # (B, T)
+        reward_model_scores = models.score_fn(models.reward_model, batch.input_ids, batch.attention_mask).float()
     check_finite(reward_model_scores.sum(), "reward-model score", iteration, "iteration")
     penalised_scores = reward_model_scores - config.missing_eos_penalty * (~batch.ended).float()  # (B,)
     return Scores(logprobs, ref_logprobs, values, reward_model_scores, penalised_scores)
 
 
-def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, attention_mask: torch.Tensor,
-                      response_mask: torch.Tensor) -> torch.Tensor:
+def per_token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, attention_mask: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
     """Step 3: r_t = -beta * KL_t on response tokens, plus the sequence score at the last real token.
 
     scores (B,), kl (B, T), attention_mask (B, T), response_mask (B, T) -> rewards (B, T)."""
@@ -266,18 +299,37 @@ def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return nn.functional.pad(entropy, (1, 0))
 
 
+def clip_groups(policy: nn.Module, value_model: nn.Module) -> list[list[nn.Parameter]]:
+    """The parameters whose gradient norms are clipped, each list on its own to ``max_grad_norm``:
+    the policy's, and the value model's own. A trunk shared by both is clipped once, with the policy."""
+    return [list(policy.parameters()), value_only_parameters(policy, value_model)]
+
+
 def clip_gradients(policy: nn.Module, value_model: nn.Module, max_grad_norm: float) -> None:
     """Clip the policy's gradient norm and the value model's own parameters' gradient norm, each to
-    ``max_grad_norm``. A trunk shared by both is clipped once, with the policy."""
-    torch.nn.utils.clip_grad_norm_(list(policy.parameters()), max_grad_norm)
-    torch.nn.utils.clip_grad_norm_(value_only_parameters(policy, value_model), max_grad_norm)
+    ``max_grad_norm`` (what ``training.backward_and_step`` does with ``clip_groups``)."""
+    for group in clip_groups(policy, value_model):
+        torch.nn.utils.clip_grad_norm_(group, max_grad_norm)
 
 
-def update_epochs(policy, value_model, optimizer, data: Rollout, config: PPOConfig,
-                  generator: torch.Generator | None, iteration: int) -> dict[str, float]:
+def update_epochs(
+    policy,
+    value_model,
+    optimizer,
+    data: Rollout,
+    config: PPOConfig,
+    generator: torch.Generator | None,
+    iteration: int,
+    precision: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
     """Step 5: ``ppo_epochs`` passes over the rollout in shuffled minibatches, each a gradient step
     on the clipped policy loss plus the weighted clipped value loss; returns the statistics
-    averaged over the steps."""
+    averaged over the steps. The forward passes run under ``precision``'s autocast (None:
+    ``RLHF_PRECISION``, else auto), each step goes through ``training.backward_and_step`` (clipping
+    ``clip_groups``; ``scaler``: fp16's loss scaling, None for a plain step)."""
+    device = data.batch.input_ids.device
+    precision = resolve_precision(precision, device)
     size = len(data.batch)
     mask = data.batch.response_mask.float()
     sums: dict[str, float] = {}
@@ -286,28 +338,34 @@ def update_epochs(policy, value_model, optimizer, data: Rollout, config: PPOConf
     for _ in range(config.ppo_epochs):
         order = torch.randperm(size, generator=generator)
         for start in range(0, size, config.minibatch_size):
-            rows = order[start:start + config.minibatch_size]
-            mini = TokenBatch(data.batch.input_ids[rows], data.batch.attention_mask[rows],
-                              data.batch.response_mask[rows])
+            rows = order[start : start + config.minibatch_size]
+            mini = TokenBatch(
+                data.batch.input_ids[rows], data.batch.attention_mask[rows], data.batch.response_mask[rows]
+            )
             mini_mask = mask[rows]
-            logits, logprobs = _logits_and_logprobs(policy, mini, config.temperature)
-            policy_loss, policy_stats = ppo.policy_loss(logprobs, data.logprobs[rows], data.advantages[rows],
-                                                        mini_mask, config.clip_range)
-            values = value_model(mini.input_ids, mini.attention_mask)
-            value_loss, value_stats = ppo.value_loss(values, data.values[rows], data.returns[rows], mini_mask,
-                                                     config.clip_range_value)
+            with autocast(device, precision):
+                logits, logprobs = _logits_and_logprobs(policy, mini, config.temperature)  # (b, T, V), (b, T)
+                values = value_model(mini.input_ids, mini.attention_mask).float()  # (b, T)
+            policy_loss, policy_stats = ppo.policy_loss(
+                logprobs, data.logprobs[rows], data.advantages[rows], mini_mask, config.clip_range
+            )
+            value_loss, value_stats = ppo.value_loss(
+                values, data.values[rows], data.returns[rows], mini_mask, config.clip_range_value
+            )
             check_finite(policy_loss, "policy loss", iteration, "iteration")
             check_finite(value_loss, "value loss", iteration, "iteration")
             loss = policy_loss + config.value_loss_coef * value_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_gradients(policy, value_model, config.max_grad_norm)
-            optimizer.step()
+            backward_and_step(loss, optimizer, scaler, clip_groups(policy, value_model), config.max_grad_norm)
             with torch.no_grad():
                 entropy = ppo.masked_mean(token_entropy(logits, config.temperature), mini_mask)
-            for name, value in [("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy),
-                                ("clipfrac", policy_stats["clipfrac"]), ("approx_kl", policy_stats["approx_kl"]),
-                                ("vf_clipfrac", value_stats["vf_clipfrac"])]:
+            for name, value in [
+                ("policy_loss", policy_loss),
+                ("value_loss", value_loss),
+                ("entropy", entropy),
+                ("clipfrac", policy_stats["clipfrac"]),
+                ("approx_kl", policy_stats["approx_kl"]),
+                ("vf_clipfrac", value_stats["vf_clipfrac"]),
+            ]:
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             steps += 1
     policy.eval()
@@ -315,8 +373,9 @@ def update_epochs(policy, value_model, optimizer, data: Rollout, config: PPOConf
 
 
 # ----- one iteration -------------------------------------------------------------------------------
-def ppo_iteration(models: PPOModels, prompts: list[str], config: PPOConfig,
-                  state: PPOState) -> tuple[dict[str, float], Rollout]:
+def ppo_iteration(
+    models: PPOModels, prompts: list[str], config: PPOConfig, state: PPOState
+) -> tuple[dict[str, float], Rollout]:
     """One PPO-RLHF iteration on a batch of prompts: the five steps of the module docstring.
 
     Trains the policy and the value model in place, adapts beta and advances ``state``; returns
@@ -326,12 +385,12 @@ def ppo_iteration(models: PPOModels, prompts: list[str], config: PPOConfig,
     started = time.perf_counter()
 
     # 1. rollout
-    batch = rollout(models.policy, models.tokenizer, prompts, config, state.sampling_generator)
+    batch = rollout(models.policy, models.tokenizer, prompts, config, state.sampling_generator, state.precision)
     response_mask = batch.response_mask.float()  # (B, T)
     generated = time.perf_counter()
 
     # 2. score
-    scores = score(models, batch, config, iteration)
+    scores = score(models, batch, config, iteration, state.precision)
     # 3. per-token rewards
     kl = ppo.kl_estimate(scores.logprobs, scores.ref_logprobs, config.kl_estimator) * response_mask  # (B, T)
     rewards = per_token_rewards(scores.penalised_scores, kl, kl_coef, batch.attention_mask, response_mask)
@@ -343,8 +402,17 @@ def ppo_iteration(models: PPOModels, prompts: list[str], config: PPOConfig,
     scored = time.perf_counter()
 
     # 5. update epochs
-    update = update_epochs(models.policy, models.value_model, state.optimizer, data, config,
-                           state.shuffle_generator, iteration)
+    update = update_epochs(
+        models.policy,
+        models.value_model,
+        state.optimizer,
+        data,
+        config,
+        state.shuffle_generator,
+        iteration,
+        state.precision,
+        state.scaler,
+    )
     trained = time.perf_counter()
 
     # what the learner sees; then beta adapts to this iteration's KL

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .errors import CourseError
 from .gold import gold_scores
 from .models import disable_dropout
+from .precision import grad_scaler, resolve_precision
 from .rlhf import PPOConfig, PPOModels, PPOState, ValueModel, kl_controller, ppo_iteration, value_only_parameters
 from .training import InterruptGuard, load_checkpoint, save_checkpoint
 
@@ -44,6 +45,10 @@ class PPOTrainer:
       value_loss, policy_loss, vf_clipfrac; explained_variance of the values before the update
       seconds_generate / seconds_score / seconds_train: where the time goes
     ``samples`` holds the first response of every ``sample_every``-th iteration with its scores.
+
+    ``precision``: fp32, bf16 or fp16 for the forward passes (None: ``RLHF_PRECISION``, else auto:
+    bf16 or fp16 on CUDA, fp32 elsewhere), resolved once for the policy's device; fp16's loss scale
+    is saved with the checkpoints.
     """
 
     policy: nn.Module
@@ -56,6 +61,7 @@ class PPOTrainer:
     score_fn: Callable  # (reward_model, input_ids, attention_mask) -> (B,) normalised scores
     history: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
+    precision: str | None = None  # None: RLHF_PRECISION, else auto (rlhf_core.precision)
 
     def __post_init__(self):
         for model in (self.policy, self.reference, self.reward_model, self.value_model):
@@ -64,20 +70,31 @@ class PPOTrainer:
             frozen.eval().requires_grad_(False)
         value_only = value_only_parameters(self.policy, self.value_model)
         if not any(p.requires_grad for p in value_only):
-            raise CourseError("the value model has no trainable parameters of its own (a frozen copy?): build it "
-                              "with ValueModel.from_reward_model or ValueModel.on_policy_trunk")
-        groups = [{"params": list(self.policy.parameters()), "lr": self.config.policy_learning_rate},
-                  {"params": value_only, "lr": self.config.value_learning_rate}]
+            raise CourseError(
+                "the value model has no trainable parameters of its own (a frozen copy?): build it "
+                "with ValueModel.from_reward_model or ValueModel.on_policy_trunk"
+            )
+        groups = [
+            {"params": list(self.policy.parameters()), "lr": self.config.policy_learning_rate},
+            {"params": value_only, "lr": self.config.value_learning_rate},
+        ]
         optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
         device = next(self.policy.parameters()).device  # token sampling draws on the policy's device
-        self.state = PPOState(optimizer, kl_controller(self.config),
-                              shuffle_generator=torch.Generator().manual_seed(self.config.seed),
-                              sampling_generator=torch.Generator(device=device).manual_seed(self.config.seed + 1))
+        self.precision = resolve_precision(self.precision, device)
+        self.state = PPOState(
+            optimizer,
+            kl_controller(self.config),
+            shuffle_generator=torch.Generator().manual_seed(self.config.seed),
+            sampling_generator=torch.Generator(device=device).manual_seed(self.config.seed + 1),
+            precision=self.precision,
+            scaler=grad_scaler(device, self.precision),
+        )
 
     @property
     def models(self) -> PPOModels:
-        return PPOModels(self.policy, self.reference, self.reward_model, self.value_model, self.tokenizer,
-                         self.score_fn)
+        return PPOModels(
+            self.policy, self.reference, self.reward_model, self.value_model, self.tokenizer, self.score_fn
+        )
 
     @property
     def iteration(self) -> int:
@@ -86,23 +103,36 @@ class PPOTrainer:
 
     def step(self) -> dict[str, float]:
         """One iteration on freshly drawn prompts; appends to ``history`` and returns the record."""
-        rows = torch.randint(len(self.prompts), (self.config.prompts_per_iteration,),
-                             generator=self.state.shuffle_generator)
+        rows = torch.randint(
+            len(self.prompts), (self.config.prompts_per_iteration,), generator=self.state.shuffle_generator
+        )
         record, data = ppo_iteration(self.models, [self.prompts[i] for i in rows.tolist()], self.config, self.state)
         self.history.append(record)
         every = self.config.sample_every
         if every and (record["iteration"] - 1) % every == 0:
             batch = data.batch
             gold = gold_scores(batch.prompts[:1], batch.responses[:1], batch.ended[:1].tolist())
-            self.samples.append({"iteration": record["iteration"], "prompt": batch.prompts[0],
-                                 "response": batch.responses[0],
-                                 "reward_model_score": float(data.reward_model_scores[0]),
-                                 "penalised_score": float(data.penalised_scores[0]), "gold": float(gold[0])})
+            self.samples.append(
+                {
+                    "iteration": record["iteration"],
+                    "prompt": batch.prompts[0],
+                    "response": batch.responses[0],
+                    "reward_model_score": float(data.reward_model_scores[0]),
+                    "penalised_score": float(data.penalised_scores[0]),
+                    "gold": float(gold[0]),
+                }
+            )
         return record
 
-    def train(self, iterations: int | None = None, checkpoint_dir: str | Path | None = None, resume: bool = True,
-              callback: Callable[[dict], None] | None = None, progress: bool = True,
-              stop_after_iterations: int | None = None) -> list[dict]:
+    def train(
+        self,
+        iterations: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = True,
+        callback: Callable[[dict], None] | None = None,
+        progress: bool = True,
+        stop_after_iterations: int | None = None,
+    ) -> list[dict]:
         """Run until ``iterations`` (default: the config's) are done; returns the history.
 
         With a ``checkpoint_dir``, a checkpoint is saved every ``checkpoint_every`` iterations and
@@ -130,8 +160,11 @@ class PPOTrainer:
                     interrupt.busy = False
                     done_this_call += 1
                     bar.update(1)
-                    bar.set_postfix(score=f"{record['reward_model_score']:+.2f}", gold=f"{record['gold']:+.2f}",
-                                    kl=f"{record['kl']:.2f}")
+                    bar.set_postfix(
+                        score=f"{record['reward_model_score']:+.2f}",
+                        gold=f"{record['gold']:+.2f}",
+                        kl=f"{record['kl']:.2f}",
+                    )
                     if callback is not None:
                         callback(record)
                     if interrupt.requested:
@@ -149,8 +182,9 @@ class PPOTrainer:
         """Save what can be saved after Ctrl-C; the one line that says where the next run resumes."""
         if inside_iteration:  # half an update: the weights belong to no iteration, nothing to save
             where = f"the last checkpoint in {folder}" if folder is not None else "scratch (no checkpoint_dir)"
-            return (f"interrupted inside iteration {self.iteration + 1}, nothing saved: "
-                    f"the next run resumes from {where}")
+            return (
+                f"interrupted inside iteration {self.iteration + 1}, nothing saved: the next run resumes from {where}"
+            )
         if folder is None:
             return f"interrupted at iteration {self.iteration}, nothing saved (no checkpoint_dir)"
         self.save(folder)
@@ -161,12 +195,17 @@ class PPOTrainer:
         """The policy (a loadable ``save_pretrained`` folder), optimiser, random states and history
         through ``save_checkpoint``; the value model, KL controller, sampling generator and samples
         in its ``extra``: one atomic write of everything ``load`` needs to continue exactly."""
-        extra = {"value_model": self.value_model.state_dict(),
-                 "kl_controller": json.dumps(self.state.kl_controller.state_dict()),
-                 "sampling_rng": self.state.sampling_generator.get_state(),
-                 "samples": json.dumps(self.samples), "config": json.dumps(asdict(self.config))}
-        return save_checkpoint(folder, self.policy, self.state.optimizer, self.iteration, self.history,
-                               self.state.shuffle_generator, extra)
+        extra = {
+            "value_model": self.value_model.state_dict(),
+            "kl_controller": json.dumps(self.state.kl_controller.state_dict()),
+            "sampling_rng": self.state.sampling_generator.get_state(),
+            "samples": json.dumps(self.samples),
+            "config": json.dumps(asdict(self.config)),
+            "scaler": self.state.scaler.state_dict(),
+        }
+        return save_checkpoint(
+            folder, self.policy, self.state.optimizer, self.iteration, self.history, self.state.shuffle_generator, extra
+        )
 
     def load(self, folder: str | Path) -> None:
         restored = load_checkpoint(folder, self.policy, self.state.optimizer, self.state.shuffle_generator)
@@ -174,6 +213,8 @@ class PPOTrainer:
         self.value_model.load_state_dict(extra["value_model"])
         self.state.kl_controller.load_state_dict(json.loads(extra["kl_controller"]))
         self.state.sampling_generator.set_state(extra["sampling_rng"])
+        if self.state.scaler.is_enabled() and extra.get("scaler"):
+            self.state.scaler.load_state_dict(extra["scaler"])
         self.state.iteration = restored["step"]
         self.history = restored["history"]
         self.samples = json.loads(extra["samples"])

@@ -31,6 +31,10 @@ What SFT can reach: a model that imitates the demonstrators perfectly writes lik
 so its gold is (at best) the demonstrators' mean gold, the imitation ceiling. ``frozen_reference``
 keeps a frozen copy of the SFT model: pi_ref, the anchor of RLHF's KL penalty.
 
+A demonstration longer than the model's context (``n_positions``) is cut to fit, keeping its EOS
+(the same rule as ``max_response_tokens``). Under mixed precision (``precision``, see
+``rlhf_core.precision``) the forward passes run in 16 bits and the loss is computed in float32.
+
 ``load_or_train_sft`` is what later chapters call: the profile's SFT model from
 ``cache_dir()/<profile>/sft`` (safetensors, plus ``sft_summary.json`` with the config and the loss
 history), trained from the base model on the standard demonstrations when it is missing.
@@ -43,7 +47,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -51,9 +55,10 @@ import torch.nn.functional as F
 
 from .batching import TokenBatch, encode_responses, pack
 from .config import Profile, get_profile, seed_everything, with_overrides
-from .logprobs import forward_logits
+from .logprobs import context_length, forward_logits
 from .loop import batch_rows, save_final, steps_done, steps_per_epoch, train_loop
 from .models import disable_dropout
+from .precision import autocast, resolve_precision
 from .training import adamw
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: "no loss at this position"
@@ -84,8 +89,15 @@ class SFTConfig:
         elif profile.name == "small":
             config = cls(learning_rate=5e-4)
         else:  # gpt2: a 124M model pretrained on the web; a gentle learning rate, shorter responses
-            config = cls(batch_size=16, learning_rate=5e-5, warmup_steps=30,
-                         max_response_tokens=profile.max_new_tokens - 1, eval_every=50)
+            config = cls(
+                batch_size=16,
+                learning_rate=5e-5,
+                warmup_steps=30,
+                max_response_tokens=profile.max_new_tokens - 1,
+                eval_every=50,
+            )
+        if profile.quick:  # a smoke test (config.quick_variant): a few steps, a small held-out set
+            config = replace(config, steps=24, batch_size=8, warmup_steps=4, heldout_records=16, eval_every=8)
         return with_overrides(config, overrides)
 
     def total_steps(self, n_train: int) -> int:
@@ -112,12 +124,28 @@ def sft_labels(batch: TokenBatch) -> torch.Tensor:
     return batch.input_ids.masked_fill(batch.response_mask == 0, IGNORE_INDEX)
 
 
-def sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], padding_side: str = "right",
-              max_response_tokens: int | None = None) -> SFTBatch:
+def sft_batch(
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    padding_side: str = "right",
+    max_response_tokens: int | None = None,
+) -> SFTBatch:
     """Prompts and responses as one padded batch (EOS appended to each response) with its labels."""
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     response_ids = encode_responses(tokenizer, responses, add_eos=True, max_tokens=max_response_tokens)
     return _pack_with_labels(prompt_ids, response_ids, tokenizer.pad_token_id, padding_side)
+
+
+def fit_responses(prompt_ids, response_ids, context: int | None) -> list[list[int]]:
+    """Each response cut so that prompt + response fit ``context`` tokens, its last token (the EOS)
+    kept: a cut demonstration still teaches where a response ends."""
+    if context is None:
+        return [list(ids) for ids in response_ids]
+    return [
+        list(ids) if len(p) + len(ids) <= context else list(ids[: max(0, context - len(p) - 1)]) + list(ids[-1:])
+        for p, ids in zip(prompt_ids, response_ids)
+    ]
 
 
 def _pack_with_labels(prompt_ids, response_ids, pad_id: int, padding_side: str = "right") -> SFTBatch:
@@ -130,8 +158,11 @@ def sft_loss(model, batch: SFTBatch) -> torch.Tensor:
     logits = forward_logits(model, batch.input_ids, batch.attention_mask)  # (B, T, V)
     shifted_logits = logits[:, :-1, :]  # position t predicts token t + 1
     shifted_labels = batch.labels[:, 1:]  # (B, T-1)
-    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]).float(),
-                           shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]).float(),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
 
 
 def frozen_reference(model):
@@ -159,17 +190,23 @@ def data_fingerprint(prompts: Sequence[str], responses: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def heldout_loss(model, prompt_ids, response_ids, pad_id: int, batch_size: int = 128) -> float:
+def heldout_loss(
+    model, prompt_ids, response_ids, pad_id: int, batch_size: int = 128, precision: str | None = None
+) -> float:
     """Mean response-token loss over held-out demonstrations (every response token weighs the same)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     total, count = 0.0, 0
     for start in range(0, len(prompt_ids), batch_size):
-        batch = _pack_with_labels(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size],
-                                  pad_id).to(device)
+        batch = _pack_with_labels(
+            prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], pad_id
+        ).to(device)
         tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-        total += sft_loss(model, batch).item() * tokens
+        with autocast(device, precision):
+            loss = sft_loss(model, batch)
+        total += loss.item() * tokens
         count += tokens
     model.train(was_training)
     return total / max(1, count)
@@ -181,9 +218,18 @@ def history_series(history: list[dict], key: str) -> tuple[list[int], list[float
     return [row["step"] for row in rows], [row[key] for row in rows]
 
 
-def train_sft(model, tokenizer, records, config: SFTConfig | None = None, out_dir: str | Path | None = None,
-              resume: bool = True, progress: bool = True, stop_after_steps: int | None = None,
-              callback: Callable[[dict], None] | None = None):
+def train_sft(
+    model,
+    tokenizer,
+    records,
+    config: SFTConfig | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+    callback: Callable[[dict], None] | None = None,
+    precision: str | None = None,
+):
     """Fine-tune ``model`` (in place, on its own device) on demonstrations; returns ``(model, history)``.
 
     ``records``: a ``datasets.Dataset`` or a list of dicts with ``prompt`` and ``response`` (other
@@ -199,22 +245,28 @@ def train_sft(model, tokenizer, records, config: SFTConfig | None = None, out_di
     ``out_dir/checkpoint`` (``resume=True`` continues from it), and at the end the model
     (safetensors), the tokenizer and ``sft_summary.json`` (config, history, timings) in ``out_dir``.
     ``stop_after_steps`` ends this call early after saving a checkpoint (to train in slices, or to
-    test resuming); the history then stops short of the total.
+    test resuming); the history then stops short of the total. ``precision``: fp32, bf16 or fp16
+    (None: ``RLHF_PRECISION``, else auto: fp32 on a CPU), see ``rlhf_core.precision``.
     """
     config = config or SFTConfig()
     prompts, responses = _columns(records)
     n_heldout = config.heldout_records
     n_train = len(prompts) - n_heldout
     if n_train < config.batch_size:
-        raise ValueError(f"{len(prompts)} demonstrations leave {n_train} for training after holding out "
-                         f"{n_heldout}: fewer than one batch of {config.batch_size}")
+        raise ValueError(
+            f"{len(prompts)} demonstrations leave {n_train} for training after holding out "
+            f"{n_heldout}: fewer than one batch of {config.batch_size}"
+        )
     total_steps = config.total_steps(n_train)
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     seed_everything(config.seed)
 
-    # Tokenize once: prompt ids, and response ids cut to max_response_tokens with EOS appended.
+    # Tokenize once: prompt ids, and response ids cut to max_response_tokens with EOS appended,
+    # then to the model's context.
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     response_ids = encode_responses(tokenizer, responses, add_eos=True, max_tokens=config.max_response_tokens)
+    response_ids = fit_responses(prompt_ids, response_ids, context_length(model))
     train_prompts, train_responses = prompt_ids[:n_train], response_ids[:n_train]
     heldout_prompts, heldout_responses = prompt_ids[n_train:], response_ids[n_train:]
     pad_id = tokenizer.pad_token_id
@@ -222,22 +274,37 @@ def train_sft(model, tokenizer, records, config: SFTConfig | None = None, out_di
 
     def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
         rows = batch_rows(step, n_train, config.batch_size, config.seed, drop_last=True)
-        batch = _pack_with_labels([train_prompts[i] for i in rows], [train_responses[i] for i in rows],
-                                  pad_id).to(device)
+        batch = _pack_with_labels([train_prompts[i] for i in rows], [train_responses[i] for i in rows], pad_id).to(
+            device
+        )
         return sft_loss(model, batch), {"response_tokens": int(batch.response_mask.sum())}
 
     def evaluate() -> dict:
-        return {"heldout_loss": heldout_loss(model, heldout_prompts, heldout_responses, pad_id)}
+        return {"heldout_loss": heldout_loss(model, heldout_prompts, heldout_responses, pad_id, precision=precision)}
 
     identity = {"config": asdict(config), "data": data_fingerprint(prompts, responses)}
     checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
     started = time.perf_counter()
     history = train_loop(
-        model, adamw(model, config.learning_rate, config.weight_decay, betas=(0.9, 0.95)), loss_on_step,
-        steps=total_steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-        max_grad_norm=config.max_grad_norm, name="SFT", evaluate=evaluate if heldout_prompts else None,
-        eval_every=config.eval_every, checkpoint_dir=checkpoint, checkpoint_every=config.checkpoint_every,
-        identity=identity, resume=resume, stop_after_steps=stop_after_steps, callback=callback, progress=progress)
+        model,
+        adamw(model, config.learning_rate, config.weight_decay, betas=(0.9, 0.95)),
+        loss_on_step,
+        steps=total_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        name="SFT",
+        evaluate=evaluate if heldout_prompts else None,
+        eval_every=config.eval_every,
+        checkpoint_dir=checkpoint,
+        checkpoint_every=config.checkpoint_every,
+        identity=identity,
+        resume=resume,
+        stop_after_steps=stop_after_steps,
+        callback=callback,
+        progress=progress,
+        precision=precision,
+    )
 
     if out_dir is not None and steps_done(history) == total_steps:
         heldout = [row["heldout_loss"] for row in history if "heldout_loss" in row]

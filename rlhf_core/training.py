@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model
 
+from .precision import grad_scaler
+
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite: training stops rather than silently destroying the model."""
@@ -39,11 +41,13 @@ def check_finite(value: torch.Tensor | float, name: str, step: int, unit: str = 
     if not math.isfinite(number):
         raise NonFiniteLossError(
             f"{name} is {number} at {unit} {step}: training stopped. Usual causes: a learning rate "
-            f"too high, a reward or advantage that exploded, log-probs of an impossible token.")
+            f"too high, a reward or advantage that exploded, log-probs of an impossible token."
+        )
 
 
-def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, peak_lr: float,
-                       final_fraction: float = 0.1) -> float:
+def cosine_with_warmup(
+    step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_fraction: float = 0.1
+) -> float:
     """Linear warmup to ``peak_lr`` over ``warmup_steps``, then cosine decay to
     ``final_fraction * peak_lr`` at ``total_steps``. A pure function of the step, so resuming
     needs no scheduler state."""
@@ -53,14 +57,54 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, peak_lr: 
     return peak_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float,
-          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+def adamw(
+    model: torch.nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, in two groups: matrices (and embeddings) decayed;
     biases and LayerNorm gains (the 1-d parameters) not, as in GPT-2 and nanoGPT."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-                              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=learning_rate, betas=betas)
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=learning_rate,
+        betas=betas,
+    )
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    parameters,
+    max_grad_norm: float,
+) -> torch.Tensor:
+    """One optimizer step on ``loss``: zero the gradients, backward, clip, step. Every trainer's
+    update goes through here (``loop.train_loop``, PPO's ``rlhf.update_epochs``, the critic-free loop).
+
+    ``parameters``: the parameters whose gradients are clipped together to a global L2 norm of
+    ``max_grad_norm``, or a list of such lists, each clipped on its own (PPO clips the policy and
+    the value model's own parameters separately). Returns the norm before clipping: a scalar, or
+    one per list.
+
+    ``scaler``: the run's ``precision.grad_scaler``. Enabled (fp16), it multiplies the loss by its
+    scale before ``backward`` (small gradients survive float16's range), unscales the gradients
+    before clipping (the norm is the true gradients'), and skips the step when they overflowed,
+    shrinking the scale: the norm returned is then inf or nan, and the caller must not stop for
+    it. Disabled or None (fp32, bf16), this is exactly ``zero_grad``, ``backward``, clip, ``step``.
+    """
+    scaler = scaler if scaler is not None else grad_scaler("cpu", "fp32")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # a no-op when disabled; clipping must see unscaled gradients
+    parameters = list(parameters)
+    several = bool(parameters) and not isinstance(parameters[0], torch.Tensor)
+    groups = parameters if several else [parameters]
+    norms = [torch.nn.utils.clip_grad_norm_(list(group), max_grad_norm) for group in groups]
+    scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+    scaler.update()
+    return torch.stack(norms) if several else norms[0]
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -85,8 +129,7 @@ def rng_states(generator: torch.Generator | None = None) -> dict[str, Any]:
 
 def restore_rng_states(states: dict[str, Any], generator: torch.Generator | None = None) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32),
-                         states["numpy_position"], 0, 0.0))
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), states["numpy_position"], 0, 0.0))
     python_state = json.loads(states["python"])
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
     if "cuda" in states and torch.cuda.is_available():
@@ -95,9 +138,15 @@ def restore_rng_states(states: dict[str, Any], generator: torch.Generator | None
         generator.set_state(states["generator"])
 
 
-def save_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer | None, step: int,
-                    history: list[dict], generator: torch.Generator | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    folder: str | Path,
+    model,
+    optimizer: torch.optim.Optimizer | None,
+    step: int,
+    history: list[dict],
+    generator: torch.Generator | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write a resumable checkpoint atomically (a half-written folder never replaces a good one)."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
@@ -118,8 +167,9 @@ def save_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer 
     return folder
 
 
-def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer | None,
-                    generator: torch.Generator | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    folder: str | Path, model, optimizer: torch.optim.Optimizer | None, generator: torch.Generator | None = None
+) -> dict[str, Any]:
     """Load weights, optimizer and random states saved by ``save_checkpoint`` into the given
     objects; returns ``{"step", "history", "extra"}``."""
     folder = Path(folder)
@@ -129,8 +179,9 @@ def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer 
     stored = {parameters[name].data_ptr() for name in parameters if name not in missing}
     untied_missing = [name for name in missing if name in parameters and parameters[name].data_ptr() not in stored]
     if unexpected or untied_missing:
-        raise ValueError(f"checkpoint {folder} does not match the model: missing {untied_missing}, "
-                         f"unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"checkpoint {folder} does not match the model: missing {untied_missing}, unexpected {sorted(unexpected)}"
+        )
     state = torch.load(folder / "training_state.pt", weights_only=True)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -29,48 +29,217 @@ from dataclasses import dataclass
 # Sentiment adjectives with VADER valences (kept here so the grammar can weigh them; a test checks
 # they equal VADER's own lexicon). Positive and negative words of varied strength.
 ADJECTIVES: dict[str, float] = {
-    "fine": 0.8, "solid": 0.6, "nice": 1.8, "good": 1.9, "enjoyable": 1.9, "clever": 2.0,
-    "pleasant": 2.3, "strong": 2.3, "impressive": 2.3, "fantastic": 2.6, "wonderful": 2.7,
-    "excellent": 2.7, "perfect": 2.7, "brilliant": 2.8, "lovely": 2.8, "charming": 2.8,
-    "delightful": 2.8, "beautiful": 2.9, "superb": 3.1, "great": 3.1,
-    "confusing": -0.9, "boring": -1.3, "messy": -1.5, "dull": -1.7, "annoying": -1.7,
-    "lame": -1.8, "weak": -1.9, "painful": -1.9, "dreadful": -1.9, "awful": -2.0,
-    "terrible": -2.1, "poor": -2.1, "disappointing": -2.2, "stupid": -2.4, "bad": -2.5,
+    "fine": 0.8,
+    "solid": 0.6,
+    "nice": 1.8,
+    "good": 1.9,
+    "enjoyable": 1.9,
+    "clever": 2.0,
+    "pleasant": 2.3,
+    "strong": 2.3,
+    "impressive": 2.3,
+    "fantastic": 2.6,
+    "wonderful": 2.7,
+    "excellent": 2.7,
+    "perfect": 2.7,
+    "brilliant": 2.8,
+    "lovely": 2.8,
+    "charming": 2.8,
+    "delightful": 2.8,
+    "beautiful": 2.9,
+    "superb": 3.1,
+    "great": 3.1,
+    "confusing": -0.9,
+    "boring": -1.3,
+    "messy": -1.5,
+    "dull": -1.7,
+    "annoying": -1.7,
+    "lame": -1.8,
+    "weak": -1.9,
+    "painful": -1.9,
+    "dreadful": -1.9,
+    "awful": -2.0,
+    "terrible": -2.1,
+    "poor": -2.1,
+    "disappointing": -2.2,
+    "stupid": -2.4,
+    "bad": -2.5,
     "horrible": -2.5,
 }
 # Verbs a reviewer uses about an aspect ("I loved the music.").
 VERBS: dict[str, float] = {
-    "liked": 1.8, "enjoyed": 2.3, "admired": 2.3, "loved": 2.9, "disliked": -1.7, "hated": -3.2,
+    "liked": 1.8,
+    "enjoyed": 2.3,
+    "admired": 2.3,
+    "loved": 2.9,
+    "disliked": -1.7,
+    "hated": -3.2,
 }
 INTENSIFIERS = ["really", "very", "truly", "incredibly", "absolutely", "extremely", "so", "quite"]
 DAMPENERS = ["somewhat", "slightly", "kind of", "fairly", "rather"]
 
 ASPECTS = [
-    "acting", "plot", "story", "script", "dialogue", "music", "score", "soundtrack", "ending",
-    "pacing", "cast", "direction", "camera work", "editing", "costume design", "set design",
-    "first act", "final scene", "lead performance", "writing",
+    "acting",
+    "plot",
+    "story",
+    "script",
+    "dialogue",
+    "music",
+    "score",
+    "soundtrack",
+    "ending",
+    "pacing",
+    "cast",
+    "direction",
+    "camera work",
+    "editing",
+    "costume design",
+    "set design",
+    "first act",
+    "final scene",
+    "lead performance",
+    "writing",
 ]
-GENRES = ["drama", "musical", "western", "mystery", "detective story", "family film", "spy film",
-          "science fiction film", "period piece", "road movie", "space opera", "courtroom drama"]
-TITLE_ADJECTIVES = ["Crimson", "Silent", "Hollow", "Golden", "Midnight", "Velvet", "Frozen",
-                    "Hidden", "Paper", "Iron", "Glass", "Distant", "Northern", "Scarlet",
-                    "Quiet", "Seventh", "Copper", "Amber", "Winter", "Salt"]
-TITLE_NOUNS = ["Harbor", "Orchard", "Lantern", "Garden", "Kingdom", "Letter", "River", "Mirror",
-               "Machine", "Summer", "Station", "Tide", "Forest", "Engine", "Crown", "Voyage",
-               "Lighthouse", "Carousel", "Meridian", "Archive"]
-INVENTED_TITLES = ["Zorvath", "Quellmoor", "Brindlemark", "Astravel", "Nimbrook", "Korrigan",
-                   "Vaskaloo", "Elderwyn", "Thessaly Road", "Orvando", "Pellucid", "Marrowgate"]
-FIRST_NAMES = ["Mara", "Tobias", "Ines", "Kofi", "Lena", "Rafael", "Yuki", "Soren", "Amara",
-               "Dmitri", "Clara", "Idris", "Nell", "Mateo", "Freya", "Arjun", "Odile", "Bram"]
-SURNAMES = ["Velden", "Quennell", "Ashgrove", "Marlowe", "Thistlewood", "Okafor", "Lindqvist",
-            "Moreau", "Kestrel", "Danvers", "Halloway", "Brightwater", "Varga", "Castellan",
-            "Nakashima", "Ferreira", "Osterhout", "Calloway"]
-CHARACTERS = ["a retired detective", "a young pilot", "a night nurse", "a travelling musician",
-              "a sheep farmer", "a ship's captain", "a small-town mayor", "a chess teacher",
-              "an old watchmaker", "a radio host", "a forger", "a lighthouse keeper",
-              "a mountain guide", "a court stenographer"]
-TIMES = ["last night", "last weekend", "on Friday", "yesterday", "this week", "on a long flight",
-         "at a film club", "with my family", "twice this month", "at the old cinema downtown"]
+GENRES = [
+    "drama",
+    "musical",
+    "western",
+    "mystery",
+    "detective story",
+    "family film",
+    "spy film",
+    "science fiction film",
+    "period piece",
+    "road movie",
+    "space opera",
+    "courtroom drama",
+]
+TITLE_ADJECTIVES = [
+    "Crimson",
+    "Silent",
+    "Hollow",
+    "Golden",
+    "Midnight",
+    "Velvet",
+    "Frozen",
+    "Hidden",
+    "Paper",
+    "Iron",
+    "Glass",
+    "Distant",
+    "Northern",
+    "Scarlet",
+    "Quiet",
+    "Seventh",
+    "Copper",
+    "Amber",
+    "Winter",
+    "Salt",
+]
+TITLE_NOUNS = [
+    "Harbor",
+    "Orchard",
+    "Lantern",
+    "Garden",
+    "Kingdom",
+    "Letter",
+    "River",
+    "Mirror",
+    "Machine",
+    "Summer",
+    "Station",
+    "Tide",
+    "Forest",
+    "Engine",
+    "Crown",
+    "Voyage",
+    "Lighthouse",
+    "Carousel",
+    "Meridian",
+    "Archive",
+]
+INVENTED_TITLES = [
+    "Zorvath",
+    "Quellmoor",
+    "Brindlemark",
+    "Astravel",
+    "Nimbrook",
+    "Korrigan",
+    "Vaskaloo",
+    "Elderwyn",
+    "Thessaly Road",
+    "Orvando",
+    "Pellucid",
+    "Marrowgate",
+]
+FIRST_NAMES = [
+    "Mara",
+    "Tobias",
+    "Ines",
+    "Kofi",
+    "Lena",
+    "Rafael",
+    "Yuki",
+    "Soren",
+    "Amara",
+    "Dmitri",
+    "Clara",
+    "Idris",
+    "Nell",
+    "Mateo",
+    "Freya",
+    "Arjun",
+    "Odile",
+    "Bram",
+]
+SURNAMES = [
+    "Velden",
+    "Quennell",
+    "Ashgrove",
+    "Marlowe",
+    "Thistlewood",
+    "Okafor",
+    "Lindqvist",
+    "Moreau",
+    "Kestrel",
+    "Danvers",
+    "Halloway",
+    "Brightwater",
+    "Varga",
+    "Castellan",
+    "Nakashima",
+    "Ferreira",
+    "Osterhout",
+    "Calloway",
+]
+CHARACTERS = [
+    "a retired detective",
+    "a young pilot",
+    "a night nurse",
+    "a travelling musician",
+    "a sheep farmer",
+    "a ship's captain",
+    "a small-town mayor",
+    "a chess teacher",
+    "an old watchmaker",
+    "a radio host",
+    "a forger",
+    "a lighthouse keeper",
+    "a mountain guide",
+    "a court stenographer",
+]
+TIMES = [
+    "last night",
+    "last weekend",
+    "on Friday",
+    "yesterday",
+    "this week",
+    "on a long flight",
+    "at a film club",
+    "with my family",
+    "twice this month",
+    "at the old cinema downtown",
+]
 
 PROMPT_TEMPLATES = [
     "I watched {title} {time}.",
@@ -85,7 +254,7 @@ PROMPT_TEMPLATES = [
 
 
 def with_article(phrase: str) -> str:
-    """"a" or "an" before a phrase, by its first letter: "an excellent", "a superb"."""
+    """ "a" or "an" before a phrase, by its first letter: "an excellent", "a superb"."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -121,8 +290,13 @@ class ReviewWorld:
     def prompt(self) -> str:
         rng = self.rng
         template = rng.choice(PROMPT_TEMPLATES)
-        return template.format(title=self.title(), time=rng.choice(TIMES), genre=rng.choice(GENRES),
-                               name=self.name(), character=rng.choice(CHARACTERS))
+        return template.format(
+            title=self.title(),
+            time=rng.choice(TIMES),
+            genre=rng.choice(GENRES),
+            name=self.name(),
+            character=rng.choice(CHARACTERS),
+        )
 
     # ----- sentiment pieces ---------------------------------------------------------------
     def _weighted(self, table: dict[str, float], mood: float, sharpness: float = 4.0) -> str:
@@ -185,8 +359,7 @@ class ReviewWorld:
         if closing is None:
             closing = rng.random() < 0.8
         # Each sentence wobbles around the reviewer's mood: real reviews are not all one note.
-        sentences = [self._sentence(max(-1.0, min(1.0, mood + rng.gauss(0, 0.35))))
-                     for _ in range(n_sentences)]
+        sentences = [self._sentence(max(-1.0, min(1.0, mood + rng.gauss(0, 0.35)))) for _ in range(n_sentences)]
         if closing:
             sentences.append(self._closing(mood))
         return " " + " ".join(sentences)

@@ -162,7 +162,8 @@ def test_best_of_n_with_the_gold_raises_the_gold(base_model, tokenizer, tiny_pro
 
 def test_measured_kl_of_a_real_policy_is_at_most_the_analytic_value(base_model, tokenizer, tiny_profile):
     prompts = load_prompts(tiny_profile, "eval", 2)
-    measured = measure_kl(base_model, tokenizer, prompts, 4, gold_scores, max_new_tokens=32,
-                          samples_per_prompt=48, seed=1)
+    measured = measure_kl(
+        base_model, tokenizer, prompts, 4, gold_scores, max_new_tokens=32, samples_per_prompt=48, seed=1
+    )
     assert measured["per_prompt"].shape == (2,) and 0.0 <= measured["tied_fraction"] <= 1.0
     assert 0.3 < measured["kl"] <= analytic_kl(4) + 1e-12

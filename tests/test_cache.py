@@ -41,6 +41,14 @@ def test_the_key_covers_config_and_inputs(profile):
     assert labelled.key == entry.key and labelled.folder.name == f"toy-beta0.1-{entry.key}"
 
 
+def test_another_precision_is_another_entry(profile, monkeypatch):
+    default = cache.stage_entry(profile, "toy", ToyConfig())
+    monkeypatch.setenv("RLHF_PRECISION", "bf16")
+    assert cache.stage_entry(profile, "toy", ToyConfig()).folder != default.folder
+    monkeypatch.setenv("RLHF_PRECISION", "auto")
+    assert cache.stage_entry(profile, "toy", ToyConfig()).folder == default.folder
+
+
 def test_finished_only_after_the_manifest_and_the_digest_follows_the_files(profile):
     entry = cache.stage_entry(profile, "toy", ToyConfig())
     _write_weights(entry.folder)

@@ -74,8 +74,9 @@ def test_out_naming_a_file_is_refused_before_any_stage(empty_cache, tmp_path, ca
 def test_cuda_without_cuda(empty_cache, tmp_path, capsys):
     for device in ("cuda", "cuda:1"):
         assert main(["run", "--out", str(tmp_path / "out"), "--device", device]) == 2
-        assert one_line(capsys) == (f"--device {device}: CUDA is not available on this machine; "
-                                    f"use --device cpu or leave --device out")
+        assert one_line(capsys) == (
+            f"--device {device}: CUDA is not available on this machine; use --device cpu or leave --device out"
+        )
     assert not empty_cache.exists()
 
 
@@ -106,14 +107,17 @@ def test_the_defaults_and_empty_variables_pass(empty_cache, monkeypatch):
     assert checked_profile(None) == "small" and checked_profile("tiny") == "tiny"  # the flag wins
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["run", "--bogus"], "unrecognized arguments: --bogus"),
-    (["run", "--until", "rlhf"], "argument --until: invalid choice: 'rlhf'"),
-    (["run", "--fresh", "everything"], "argument --fresh: invalid choice: 'everything'"),
-    (["run", "--best-of-n", "eight"], "argument --best-of-n: invalid int value: 'eight'"),
-    (["train"], "invalid choice: 'train'"),
-    ([], "the following arguments are required"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "--bogus"], "unrecognized arguments: --bogus"),
+        (["run", "--until", "rlhf"], "argument --until: invalid choice: 'rlhf'"),
+        (["run", "--fresh", "everything"], "argument --fresh: invalid choice: 'everything'"),
+        (["run", "--best-of-n", "eight"], "argument --best-of-n: invalid int value: 'eight'"),
+        (["train"], "invalid choice: 'train'"),
+        ([], "the following arguments are required"),
+    ],
+)
 def test_usage_errors_are_one_line_with_a_hint(argv, expected, empty_cache, capsys):
     assert main(argv) == 2
     line = one_line(capsys)
@@ -175,10 +179,17 @@ def test_the_real_command_line(tmp_path):
     """The same through ``python -m rlhf_core`` in a fresh process: one line, status 2, nothing run."""
     env = {name: value for name, value in os.environ.items() if name not in ("RLHF_PROFILE", "RLHF_DEVICE")}
     env["RLHF_CACHE_DIR"] = str(tmp_path / "cache")
-    finished = subprocess.run([sys.executable, "-m", "rlhf_core", "run", "--profile", "huge"], cwd=REPO_DIR,
-                              env=env, capture_output=True, text=True, timeout=120)
+    finished = subprocess.run(
+        [sys.executable, "-m", "rlhf_core", "run", "--profile", "huge"],
+        cwd=REPO_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert finished.returncode == 2
     assert finished.stdout == ""
     assert finished.stderr.strip().splitlines() == [
-        "--profile huge: no such profile; use one of tiny, small, gpt2, auto (or leave --profile out)"]
+        "--profile huge: no such profile; use one of tiny, small, gpt2, auto (or leave --profile out)"
+    ]
     assert not (tmp_path / "cache").exists()

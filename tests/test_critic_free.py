@@ -5,6 +5,7 @@ config's validation and published defaults."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 from dataclasses import fields
@@ -16,23 +17,21 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from rlhf_core import world
 from rlhf_core.batching import last_token_index, position_ids_from_mask
+from rlhf_core.critic_cost import GradientMoments, policy_gradient, training_memory
 from rlhf_core.errors import CourseError
 from rlhf_core.generation import generate
 from rlhf_core.grpo import (
     METHOD_DEFAULTS,
     CriticFreeConfig,
-    CriticFreeTrainer,
-    GradientMoments,
     critic_free_iteration,
     critic_free_loss,
     group_advantages,
-    policy_gradient,
     repeat_prompts,
     score,
     sequence_rewards,
     token_weights,
-    training_memory,
 )
+from rlhf_core.grpo_trainer import CriticFreeTrainer
 from rlhf_core.logprobs import response_logprobs
 from rlhf_core.models import load_causal_lm
 from rlhf_core.rlhf import PPOConfig, ValueModel
@@ -40,8 +39,9 @@ from rlhf_core.rlhf import PPOConfig, ValueModel
 
 def last_token_score(reward_model, input_ids, attention_mask):
     """A plain reward head read at the last real token (the reward-model module has its own)."""
-    hidden = reward_model.transformer(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+    hidden = reward_model.transformer(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state
     last = last_token_index(attention_mask)
     return reward_model.score(hidden[torch.arange(len(last)), last]).squeeze(-1)
 
@@ -56,9 +56,15 @@ def three_models(base_model, tokenizer):
     """Policy and reference from the shipped base model (it writes EOS), a random reward head."""
     policy = copy.deepcopy(base_model)
     reference = copy.deepcopy(base_model).requires_grad_(False)
-    config = GPT2Config(**{k: v for k, v in base_model.config.to_dict().items()
-                           if k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "eos_token_id",
-                                    "bos_token_id")}, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = GPT2Config(
+        **{
+            k: v
+            for k, v in base_model.config.to_dict().items()
+            if k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "eos_token_id", "bos_token_id")
+        },
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(1)
     reward_model = GPT2ForSequenceClassification(config).eval()
     return policy, reference, reward_model
@@ -66,11 +72,21 @@ def three_models(base_model, tokenizer):
 
 def _trainer(three_models, tokenizer, **overrides) -> CriticFreeTrainer:
     policy, reference, reward_model = (copy.deepcopy(m) for m in three_models)
-    settings = dict(iterations=4, prompts_per_iteration=3, group_size=2, minibatch_size=3, ppo_epochs=2,
-                    max_new_tokens=6, checkpoint_every=1, sample_every=1, seed=5)
+    settings = dict(
+        iterations=4,
+        prompts_per_iteration=3,
+        group_size=2,
+        minibatch_size=3,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        checkpoint_every=1,
+        sample_every=1,
+        seed=5,
+    )
     config = CriticFreeConfig(**{**settings, **overrides})
-    return CriticFreeTrainer(policy, reference, reward_model, tokenizer, world.sample_prompts(30, seed=4), config,
-                             last_token_score)
+    return CriticFreeTrainer(
+        policy, reference, reward_model, tokenizer, world.sample_prompts(30, seed=4), config, last_token_score
+    )
 
 
 # ----- the loss: aggregations and the KL term, against plain per-token loops -------------------------
@@ -81,7 +97,7 @@ def random_minibatch(seed: int = 0):
     B, T = 4, 8
     mask = torch.zeros(B, T)
     for row, (start, length) in enumerate([(0, 5), (4, 1), (2, 3), (1, 7)]):
-        mask[row, start:start + length] = 1.0
+        mask[row, start : start + length] = 1.0
     old_logprobs = -torch.rand(B, T, generator=generator, dtype=torch.float64) * 3 - 0.1
     # large moves on some tokens so that clipping acts on both sides
     logprobs = old_logprobs + torch.randn(B, T, generator=generator, dtype=torch.float64) * 0.4
@@ -93,8 +109,9 @@ def random_minibatch(seed: int = 0):
     return logprobs.requires_grad_(True), old_logprobs, ref_logprobs, advantages, mask
 
 
-def plain_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, aggregation, max_new_tokens, clip_range,
-               kl_coef, kl_in):
+def plain_loss(
+    logprobs, old_logprobs, ref_logprobs, advantages, mask, aggregation, max_new_tokens, clip_range, kl_coef, kl_in
+):
     """One token at a time: PPO's clipped term (and the k3 KL) with the aggregation written out."""
     B, T = mask.shape
     rows = []
@@ -128,13 +145,13 @@ def plain_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, aggregati
 @pytest.mark.parametrize("kl_in", ["reward", "loss"])
 def test_loss_aggregations_match_plain_per_token_formulas(aggregation, kl_in):
     logprobs, old_logprobs, ref_logprobs, advantages, mask = random_minibatch()
-    config = CriticFreeConfig(loss_aggregation=aggregation, kl_in=kl_in, kl_coef=0.3, clip_range=0.2,
-                              max_new_tokens=10)
+    config = CriticFreeConfig(loss_aggregation=aggregation, kl_in=kl_in, kl_coef=0.3, clip_range=0.2, max_new_tokens=10)
     loss, stats = critic_free_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, config)
     (gradient,) = torch.autograd.grad(loss, logprobs)
     plain_logprobs = logprobs.detach().clone().requires_grad_(True)
-    expected = plain_loss(plain_logprobs, old_logprobs, ref_logprobs, advantages, mask, aggregation, 10, 0.2, 0.3,
-                          kl_in)
+    expected = plain_loss(
+        plain_logprobs, old_logprobs, ref_logprobs, advantages, mask, aggregation, 10, 0.2, 0.3, kl_in
+    )
     (expected_gradient,) = torch.autograd.grad(expected, plain_logprobs)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gradient, expected_gradient, rtol=1e-12, atol=1e-12)
@@ -189,13 +206,20 @@ def test_repeat_prompts_puts_each_prompts_samples_on_consecutive_rows():
 def test_the_iteration_is_its_steps_in_order(three_models, tokenizer, method):
     """With no update epochs the weights stay put, so the rollout an iteration used can be rebuilt from
     its steps; every token of a response carries that response's group advantage, padding carries 0."""
-    trainer = _trainer(three_models, tokenizer, ppo_epochs=0, method=method, max_new_tokens=32,
-                       **METHOD_DEFAULTS[method])
+    trainer = _trainer(
+        three_models, tokenizer, ppo_epochs=0, method=method, max_new_tokens=32, **METHOD_DEFAULTS[method]
+    )
     prompts = world.sample_prompts(3, seed=11)
     record, data = critic_free_iteration(trainer.models, prompts, trainer.config, trainer.state)
     config = trainer.config
-    resampled = generate(trainer.policy, tokenizer, repeat_prompts(prompts, 2), config.max_new_tokens,
-                         config.temperature, torch.Generator().manual_seed(config.seed + 1))
+    resampled = generate(
+        trainer.policy,
+        tokenizer,
+        repeat_prompts(prompts, 2),
+        config.max_new_tokens,
+        config.temperature,
+        torch.Generator().manual_seed(config.seed + 1),
+    )
     assert torch.equal(resampled.input_ids, data.batch.input_ids)
     assert data.batch.prompts == [prompts[0], prompts[0], prompts[1], prompts[1], prompts[2], prompts[2]]
     scores = score(trainer.models, data.batch, config)
@@ -221,9 +245,25 @@ def test_one_iteration_logs_every_metric_and_trains_only_the_policy(three_models
     frozen_before = [copy.deepcopy(m.state_dict()) for m in (trainer.reference, trainer.reward_model)]
     policy_before = copy.deepcopy(trainer.policy.state_dict())
     record = trainer.step()
-    for key in ("iteration", "reward_model_score", "penalised_score", "gold", "kl", "kl_coef", "length",
-                "eos_fraction", "policy_loss", "clipfrac", "approx_kl", "entropy", "advantage_std", "kl_loss",
-                "seconds_generate", "seconds_score", "seconds_train"):
+    for key in (
+        "iteration",
+        "reward_model_score",
+        "penalised_score",
+        "gold",
+        "kl",
+        "kl_coef",
+        "length",
+        "eos_fraction",
+        "policy_loss",
+        "clipfrac",
+        "approx_kl",
+        "entropy",
+        "advantage_std",
+        "kl_loss",
+        "seconds_generate",
+        "seconds_score",
+        "seconds_train",
+    ):
         assert key in record, key
     for model, before in zip((trainer.reference, trainer.reward_model), frozen_before):
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -288,7 +328,8 @@ def test_ctrl_c_finishes_the_iteration_saves_and_says_where_to_resume(three_mode
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert interrupted.iteration == 2
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"interrupted at iteration 2, the next run resumes from {folder}")
+        f"interrupted at iteration 2, the next run resumes from {folder}"
+    )
     resumed = _trainer(three_models, tokenizer, checkpoint_every=0)
     resumed.train(checkpoint_dir=folder, progress=False)
     assert_same_run(straight, resumed)
@@ -304,7 +345,11 @@ def test_for_profile_gives_each_methods_published_choices_on_ppos_budget(tiny_pr
         assert config.prompts_per_iteration * config.group_size == ppo.prompts_per_iteration == 64
         assert (config.prompts_per_iteration, config.group_size) == (16, 4)
         assert (config.iterations, config.learning_rate, config.kl_coef, config.max_new_tokens) == (
-            ppo.iterations, ppo.policy_learning_rate, ppo.kl_coef, ppo.max_new_tokens)
+            ppo.iterations,
+            ppo.policy_learning_rate,
+            ppo.kl_coef,
+            ppo.max_new_tokens,
+        )
     assert CriticFreeConfig.for_profile(tiny_profile, method="rloo", kl_in="loss").kl_in == "loss"
 
 
@@ -365,8 +410,10 @@ def test_training_memory_counts_parameters_gradients_and_adam_state_once(three_m
     policy, reference, reward_model = three_models
     value_model = ValueModel.on_policy_trunk(policy)  # shares the policy's transformer
     optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value_model.head.parameters()))
-    loss = policy(input_ids=torch.tensor([[1, 2, 3]])).logits.sum() + value_model(
-        torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long)).sum()
+    loss = (
+        policy(input_ids=torch.tensor([[1, 2, 3]])).logits.sum()
+        + value_model(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long)).sum()
+    )
     loss.backward()
     optimizer.step()
     memory = training_memory({"policy": policy, "reference": reference, "value": value_model}, optimizer)
@@ -376,3 +423,14 @@ def test_training_memory_counts_parameters_gradients_and_adam_state_once(three_m
     assert memory["policy"]["optimizer_state"] == 2 * policy_bytes + 4 * len(list(policy.parameters()))  # + step
     assert memory["reference"] == {"parameters": policy_bytes, "gradients": 0, "optimizer_state": 0}
     assert memory["value"]["parameters"] == head_bytes  # the shared trunk counted once, with the policy
+
+
+def test_bf16_autocast_runs_an_iteration_with_float32_losses(three_models, tokenizer):
+    """The mixed-precision path (``rlhf_core.precision``), tried on the CPU's bfloat16 autocast: the loop
+    runs, and what it accumulates (log-probs, losses) stays float32 and finite."""
+    trainer = _trainer(three_models, tokenizer)
+    trainer.precision = "bf16"
+    trainer.__post_init__()  # rebuild the state with the new precision
+    record = trainer.step()
+    assert trainer.state.precision == "bf16"
+    assert all(math.isfinite(record[name]) for name in ("policy_loss", "kl", "entropy", "reward_model_score"))

@@ -47,8 +47,9 @@ def test_dpo_loss_matches_the_per_example_formulas():
     generator = torch.Generator().manual_seed(0)
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = _random_logps(generator)
     beta = 0.3
-    sigmoid_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen,
-                                                                ref_rejected, beta, "sigmoid")
+    sigmoid_losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, "sigmoid"
+    )
     ipo_losses, _, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, "ipo")
     assert sigmoid_losses.shape == ipo_losses.shape == (7,)
     for i in range(7):
@@ -73,8 +74,9 @@ def test_gradient_pushes_chosen_up_and_rejected_down(tokenizer):
     policy_chosen = torch.tensor([-10.0, -3.0], requires_grad=True)
     policy_rejected = torch.tensor([-12.0, -2.0], requires_grad=True)
     for loss_type in ("sigmoid", "ipo"):
-        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, torch.tensor([-11.0, -3.0]),
-                                                            torch.tensor([-11.0, -3.0]), 0.1, loss_type)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, torch.tensor([-11.0, -3.0]), torch.tensor([-11.0, -3.0]), 0.1, loss_type
+        )
         assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad  # logging only
         chosen_grad, rejected_grad = torch.autograd.grad(losses.sum(), [policy_chosen, policy_rejected])
         assert (chosen_grad < 0).all() and (rejected_grad > 0).all(), loss_type  # descent raises chosen
@@ -125,8 +127,9 @@ def test_a_response_cut_at_the_length_limit_gets_no_eos(tokenizer):
 
 def test_reference_precomputation_equals_on_the_fly(tokenizer, random_tiny_model):
     pairs = world_pairs(5, seed=11)
-    precomputed_chosen, precomputed_rejected = precompute_reference_logps(random_tiny_model, tokenizer, pairs,
-                                                                          batch_size=2)
+    precomputed_chosen, precomputed_rejected = precompute_reference_logps(
+        random_tiny_model, tokenizer, pairs, batch_size=2
+    )
     with torch.no_grad():
         chosen, rejected = pair_logps(random_tiny_model, tokenizer, pairs)
     assert precomputed_chosen.shape == (5,)
@@ -151,8 +154,9 @@ def test_short_dpo_run_learns_the_world_preference_and_leaves_the_reference_alon
     reference_state = {name: tensor.clone() for name, tensor in reference.state_dict().items()}
     train, heldout = world_pairs(16, seed=1), world_pairs(32, seed=2)
     ref_before = precompute_reference_logps(reference, tokenizer, heldout)
-    config = DPOConfig(steps=8, batch_size=8, learning_rate=2e-3, warmup_steps=2, eval_every=4,
-                       checkpoint_every=0, beta=0.1)
+    config = DPOConfig(
+        steps=8, batch_size=8, learning_rate=2e-3, warmup_steps=2, eval_every=4, checkpoint_every=0, beta=0.1
+    )
     policy, history = train_dpo(policy, reference, tokenizer, train, heldout, config, progress=False)
 
     start, end = history[0], history[-1]
@@ -174,8 +178,16 @@ def test_short_dpo_run_learns_the_world_preference_and_leaves_the_reference_alon
 def test_ipo_run_moves_towards_its_target_margin(base_model, tokenizer):
     policy, reference = copy.deepcopy(base_model), copy.deepcopy(base_model)
     train = world_pairs(8, seed=4)
-    config = DPOConfig(loss_type="ipo", beta=0.5, steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=1,
-                       eval_every=0, checkpoint_every=0)
+    config = DPOConfig(
+        loss_type="ipo",
+        beta=0.5,
+        steps=4,
+        batch_size=8,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        eval_every=0,
+        checkpoint_every=0,
+    )
     policy, history = train_dpo(policy, reference, tokenizer, train, train, config, progress=False)
     # h starts at 0: the loss (0 - 1/(2 beta))^2 = 1 and falls as the margin grows towards 1/(2 beta)
     assert history[0]["heldout_loss"] == pytest.approx(1.0, abs=1e-4)
@@ -184,19 +196,45 @@ def test_ipo_run_moves_towards_its_target_margin(base_model, tokenizer):
 
 def test_interrupted_dpo_resumes_bit_exact(tmp_path, base_model, tokenizer):
     train, heldout = world_pairs(12, seed=8), world_pairs(4, seed=9)
-    config = DPOConfig(steps=6, batch_size=4, learning_rate=1e-3, warmup_steps=2, eval_every=3,
-                       checkpoint_every=2, seed=3)  # 3 steps per epoch: the run crosses an epoch
+    config = DPOConfig(
+        steps=6, batch_size=4, learning_rate=1e-3, warmup_steps=2, eval_every=3, checkpoint_every=2, seed=3
+    )  # 3 steps per epoch: the run crosses an epoch
     seen = []
-    uninterrupted, full_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer,
-                                            train, heldout, config, out_dir=tmp_path / "a", progress=False,
-                                            callback=seen.append)
+    uninterrupted, full_history = train_dpo(
+        copy.deepcopy(base_model),
+        copy.deepcopy(base_model),
+        tokenizer,
+        train,
+        heldout,
+        config,
+        out_dir=tmp_path / "a",
+        progress=False,
+        callback=seen.append,
+    )
     assert seen == full_history[1:]  # the callback gets every step's record
-    _, partial_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
-                                   heldout, config, out_dir=tmp_path / "b", progress=False, stop_after_steps=3)
+    _, partial_history = train_dpo(
+        copy.deepcopy(base_model),
+        copy.deepcopy(base_model),
+        tokenizer,
+        train,
+        heldout,
+        config,
+        out_dir=tmp_path / "b",
+        progress=False,
+        stop_after_steps=3,
+    )
     assert len(partial_history) == 4 and (tmp_path / "b" / "checkpoint" / "training_state.pt").exists()
     torch.manual_seed(12345)  # the disconnect scrambles the global random state
-    resumed, resumed_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
-                                         heldout, config, out_dir=tmp_path / "b", progress=False)
+    resumed, resumed_history = train_dpo(
+        copy.deepcopy(base_model),
+        copy.deepcopy(base_model),
+        tokenizer,
+        train,
+        heldout,
+        config,
+        out_dir=tmp_path / "b",
+        progress=False,
+    )
     assert resumed_history == full_history
     expected = uninterrupted.state_dict()
     for name, tensor in resumed.state_dict().items():
@@ -238,15 +276,31 @@ def test_a_short_run_needs_only_the_reference_log_probs_of_the_pairs_it_visits(b
     full = precompute_reference_logps(base_model, tokenizer, train)
     torch.testing.assert_close(lazy_chosen[rows], full[0][rows], atol=1e-4, rtol=1e-5)
 
-    lazy_policy, lazy_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
-                                          heldout, config, progress=False)
-    given_policy, given_history = train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train,
-                                            heldout, config, progress=False, reference_logps=full,
-                                            heldout_reference_logps=precompute_reference_logps(base_model, tokenizer,
-                                                                                               heldout))
+    lazy_policy, lazy_history = train_dpo(
+        copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train, heldout, config, progress=False
+    )
+    given_policy, given_history = train_dpo(
+        copy.deepcopy(base_model),
+        copy.deepcopy(base_model),
+        tokenizer,
+        train,
+        heldout,
+        config,
+        progress=False,
+        reference_logps=full,
+        heldout_reference_logps=precompute_reference_logps(base_model, tokenizer, heldout),
+    )
     assert [h["loss"] for h in lazy_history[1:]] == pytest.approx([h["loss"] for h in given_history[1:]], abs=1e-5)
     for (name, tensor), other in zip(lazy_policy.state_dict().items(), given_policy.state_dict().values()):
         torch.testing.assert_close(tensor, other, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="aligned"):
-        train_dpo(copy.deepcopy(base_model), copy.deepcopy(base_model), tokenizer, train, heldout, config,
-                  progress=False, reference_logps=(full[0][:5], full[1][:5]))
+        train_dpo(
+            copy.deepcopy(base_model),
+            copy.deepcopy(base_model),
+            tokenizer,
+            train,
+            heldout,
+            config,
+            progress=False,
+            reference_logps=(full[0][:5], full[1][:5]),
+        )

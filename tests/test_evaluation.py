@@ -37,12 +37,22 @@ def plain_sequence_kls(policy, reference, batch, temperature: float) -> list[flo
     return kls
 
 
-def test_the_kl_is_that_of_the_tempered_distributions_sampled_from(base_model, random_tiny_model, tokenizer,
-                                                                   tiny_profile):
+def test_the_kl_is_that_of_the_tempered_distributions_sampled_from(
+    base_model, random_tiny_model, tokenizer, tiny_profile
+):
     prompts = load_prompts(tiny_profile, "eval", 4)
     temperature, seed = 0.7, 3
-    result = measure_policy(base_model, random_tiny_model, None, tokenizer, prompts, max_new_tokens=12,
-                            temperature=temperature, seed=seed, batch_size=len(prompts))
+    result = measure_policy(
+        base_model,
+        random_tiny_model,
+        None,
+        tokenizer,
+        prompts,
+        max_new_tokens=12,
+        temperature=temperature,
+        seed=seed,
+        batch_size=len(prompts),
+    )
     # the very tokens measure_policy sampled: one batch, drawn from a generator seeded the same way
     batch = generate(base_model, tokenizer, prompts, 12, temperature, torch.Generator().manual_seed(seed))
     assert result.responses == batch.responses
@@ -76,5 +86,10 @@ def test_gold_standard_error_is_over_prompts_not_samples():
 def test_gold_summary_columns():
     golds = [0.5, -0.25, 1.0, 0.0]
     summary = gold_summary(golds, [" good film.", " bad", " a b c", " x y"], [True, False, True, True], 2)
-    assert summary == {"gold": 0.3125, "gold_std": round(float(np.std(golds)), 4),
-                       "gold_se": round(gold_standard_error(golds, 2), 4), "eos_fraction": 0.75, "mean_words": 2.0}
+    assert summary == {
+        "gold": 0.3125,
+        "gold_std": round(float(np.std(golds)), 4),
+        "gold_se": round(gold_standard_error(golds, 2), 4),
+        "eos_fraction": 0.75,
+        "mean_words": 2.0,
+    }

@@ -51,15 +51,19 @@ def test_a_response_pays_one_ending_penalty_never_two():
     (``no_eos_penalty``) and nothing more. The punctuation rule is for a response that chose to end."""
     config = GoldConfig()
     finished, unfinished = " The music was great.", " The music was great and the"
-    ending = {(text, ended): gold_breakdown(PROMPT, text, ended)["ending"]
-              for text in (finished, unfinished) for ended in (True, False)}
+    ending = {
+        (text, ended): gold_breakdown(PROMPT, text, ended)["ending"]
+        for text in (finished, unfinished)
+        for ended in (True, False)
+    }
     assert ending[finished, True] == 0.0
     assert ending[unfinished, True] == -config.no_final_punctuation_penalty  # ended, but mid-sentence
     assert ending[finished, False] == -config.no_eos_penalty
     assert ending[unfinished, False] == -config.no_eos_penalty  # not -(0.5 + 0.25)
     # the other parts do not care how the response ended: gold moves by exactly the ending penalty
     assert gold_score(PROMPT, unfinished, ended=False) == pytest.approx(
-        gold_score(PROMPT, unfinished, ended=True) + config.no_final_punctuation_penalty - config.no_eos_penalty)
+        gold_score(PROMPT, unfinished, ended=True) + config.no_final_punctuation_penalty - config.no_eos_penalty
+    )
 
 
 def test_rambling_past_the_natural_length_is_penalised():

@@ -42,8 +42,18 @@ def test_cartpole_reaches_450_within_the_step_budget(cartpole_run):
 def test_history_rows_are_complete_and_consistent(cartpole_run):
     config, _, history = cartpole_run
     keys = {
-        "update", "global_step", "mean_return", "episodes", "learning_rate", "policy_loss", "value_loss",
-        "entropy", "approx_kl", "clipfrac", "explained_variance", "seconds",
+        "update",
+        "global_step",
+        "mean_return",
+        "episodes",
+        "learning_rate",
+        "policy_loss",
+        "value_loss",
+        "entropy",
+        "approx_kl",
+        "clipfrac",
+        "explained_variance",
+        "seconds",
     }
     for i, row in enumerate(history.updates, start=1):
         assert keys <= row.keys()

@@ -6,8 +6,16 @@ import json
 import pytest
 
 from rlhf_core.gold import PreferenceLabeler, gold_score
-from rlhf_core.labeling import (ANSWERS, LabelingSession, LabelingStateError, LabelingWidget, PairToLabel,
-                                balanced_display_orders, scripted_labels, simulated_chooser)
+from rlhf_core.labeling import (
+    ANSWERS,
+    LabelingSession,
+    LabelingStateError,
+    LabelingWidget,
+    PairToLabel,
+    balanced_display_orders,
+    scripted_labels,
+    simulated_chooser,
+)
 from rlhf_core.preferences import load_preferences
 from rlhf_core.world import ReviewWorld
 
@@ -25,10 +33,12 @@ def make_pairs(n: int, seed: int = 0) -> list[PairToLabel]:
 
 def pick_first_of_pair(session: LabelingSession):
     """A chooser that always picks the response the pair lists first, wherever it is shown."""
+
     def choose(prompt, response_a, response_b):
         pair = session.pairs[session.n_answered]
         assert pair.prompt == prompt
         return "A" if response_a == pair.first else "B"
+
     return choose
 
 
@@ -45,7 +55,9 @@ def test_display_order_is_seeded_balanced_and_both_orders_occur():
     for index, pair in enumerate(pairs):
         shown = session.current()
         assert shown.prompt == pair.prompt
-        assert (shown.response_a, shown.response_b) == ((pair.second, pair.first) if orders[index] else (pair.first, pair.second))
+        assert (shown.response_a, shown.response_b) == (
+            (pair.second, pair.first) if orders[index] else (pair.first, pair.second)
+        )
         session.answer("skip")
 
 
@@ -143,19 +155,35 @@ def test_invalid_pairs_and_sources_are_refused():
 
 def test_pairs_from_mappings_and_preference_records():
     pair = make_pairs(1)[0]
-    from_keys = PairToLabel.from_record({"prompt": pair.prompt, "first": pair.first, "second": pair.second,
-                                         "first_gold": pair.first_gold, "second_gold": pair.second_gold})
-    from_preference = PairToLabel.from_record({"prompt": pair.prompt, "chosen": pair.first, "rejected": pair.second,
-                                               "chosen_gold": pair.first_gold, "rejected_gold": pair.second_gold,
-                                               "rejected_ended": False, "source": "simulated"})
+    from_keys = PairToLabel.from_record(
+        {
+            "prompt": pair.prompt,
+            "first": pair.first,
+            "second": pair.second,
+            "first_gold": pair.first_gold,
+            "second_gold": pair.second_gold,
+        }
+    )
+    from_preference = PairToLabel.from_record(
+        {
+            "prompt": pair.prompt,
+            "chosen": pair.first,
+            "rejected": pair.second,
+            "chosen_gold": pair.first_gold,
+            "rejected_gold": pair.second_gold,
+            "rejected_ended": False,
+            "source": "simulated",
+        }
+    )
     assert from_keys == pair
     assert from_preference.second_ended is False and from_preference.first == pair.first
 
 
 def test_written_file_loads_with_load_preferences(tmp_path):
     pairs = make_pairs(6)
-    pairs[0] = PairToLabel(pairs[0].prompt, pairs[0].first, " The plot was", pairs[0].first_gold, -0.5,
-                           second_ended=False)
+    pairs[0] = PairToLabel(
+        pairs[0].prompt, pairs[0].first, " The plot was", pairs[0].first_gold, -0.5, second_ended=False
+    )
     out = tmp_path / "labels" / "human.jsonl"
     session = LabelingSession(pairs, seed=4, out_path=out)
     scripted_labels(session, pick_first_of_pair(session), max_answers=1)

@@ -26,8 +26,16 @@ RUN = dict(steps=6, learning_rate=1e-2, warmup_steps=2, max_grad_norm=0.5, name=
 def toy_model():
     """A one-layer GPT-2 of width 16: a real ``transformers`` model (checkpoints need one), fast."""
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -53,8 +61,13 @@ def toy_evaluate(model):
 
 def _run(model, tmp_path=None, **kwargs):
     torch.manual_seed(7)
-    return train_loop(model, adamw(model, RUN["learning_rate"], 0.1), toy_loss(model), **{**RUN, **kwargs},
-                      checkpoint_dir=None if tmp_path is None else tmp_path / "checkpoint")
+    return train_loop(
+        model,
+        adamw(model, RUN["learning_rate"], 0.1),
+        toy_loss(model),
+        **{**RUN, **kwargs},
+        checkpoint_dir=None if tmp_path is None else tmp_path / "checkpoint",
+    )
 
 
 def _same_weights(model, other):
@@ -98,7 +111,8 @@ def test_adamw_decays_matrices_only_and_skips_frozen_parameters(toy_model):
     names = {id(p): name for name, p in model.named_parameters()}
     assert decayed["weight_decay"] == 0.01 and free["weight_decay"] == 0.0 and decayed["betas"] == (0.9, 0.95)
     assert {names[id(p)] for p in decayed["params"]} == {
-        name for name, p in model.named_parameters() if p.dim() == 2 and name != "transformer.wpe.weight"}
+        name for name, p in model.named_parameters() if p.dim() == 2 and name != "transformer.wpe.weight"
+    }
     assert all(names[id(p)].endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")) for p in free["params"])
     assert len(decayed["params"]) + len(free["params"]) == len([p for p in model.parameters() if p.requires_grad])
 

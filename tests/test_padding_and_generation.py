@@ -47,7 +47,7 @@ def test_logprobs_identical_left_right_and_alone(random_tiny_model, any_tokenize
         assert torch.all(logprobs[batch.response_mask == 0] == 0)
         per_side[side] = [logprobs[row][batch.response_mask[row].bool()] for row in range(len(prompts))]
     for row in range(len(prompts)):
-        alone = encode_pairs(any_tokenizer, prompts[row:row + 1], responses[row:row + 1])
+        alone = encode_pairs(any_tokenizer, prompts[row : row + 1], responses[row : row + 1])
         single = response_logprobs(random_tiny_model, alone.input_ids, alone.attention_mask, alone.response_mask)
         single = single[0][alone.response_mask[0].bool()]
         assert (per_side["left"][row] - per_side["right"][row]).abs().max() < TOLERANCE
@@ -57,8 +57,9 @@ def test_logprobs_identical_left_right_and_alone(random_tiny_model, any_tokenize
 def test_logprobs_against_a_plain_loop(random_tiny_model, tokenizer):
     prompts, responses = _pairs(2, seed=2)
     batch = encode_pairs(tokenizer, prompts, responses, padding_side="left")
-    logprobs = response_logprobs(random_tiny_model, batch.input_ids, batch.attention_mask, batch.response_mask,
-                                 temperature=0.7)
+    logprobs = response_logprobs(
+        random_tiny_model, batch.input_ids, batch.attention_mask, batch.response_mask, temperature=0.7
+    )
     logits = forward_logits(random_tiny_model, batch.input_ids, batch.attention_mask)
     for row in range(2):
         for t in range(1, batch.input_ids.shape[1]):
@@ -110,10 +111,10 @@ def test_generation_stops_at_eos_and_masks_what_follows(any_tokenizer):
     model = _ScriptedModel(len(any_tokenizer), scripts)
     result = generate(model, any_tokenizer, ["A.", "B b.", "C c c."], max_new_tokens=4, temperature=0)
     assert result.ended.tolist() == [True, True, False]
-    assert result.response_mask[:, result.prompt_width:].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert result.response_mask[:, result.prompt_width :].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert result.responses == [" good", "", " good good good good"]
     assert result.response_lengths.tolist() == [2, 1, 4]
     # after EOS: padding, never attended to (pad may equal EOS: only the masks tell)
-    assert result.input_ids[0, result.prompt_width + 2:].tolist() == [any_tokenizer.pad_token_id] * 2
-    assert result.attention_mask[0, result.prompt_width + 2:].tolist() == [0, 0]
+    assert result.input_ids[0, result.prompt_width + 2 :].tolist() == [any_tokenizer.pad_token_id] * 2
+    assert result.attention_mask[0, result.prompt_width + 2 :].tolist() == [0, 0]
     assert last_token_index(result.attention_mask).tolist()[0] == result.prompt_width + 1

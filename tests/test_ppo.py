@@ -241,7 +241,11 @@ def test_gae_gym_layout_with_dones_and_bootstrap(seed):
     adv, ret = ppo.gae(rewards, values, torch.ones(B, T), gamma, lam, dones=dones, last_values=last_values)
     for b in range(B):
         expected = ref_gae_row(
-            rewards[b].tolist(), values[b].tolist(), gamma, lam, dones=dones[b].tolist(),
+            rewards[b].tolist(),
+            values[b].tolist(),
+            gamma,
+            lam,
+            dones=dones[b].tolist(),
             last_value=float(last_values[b]),
         )
         torch.testing.assert_close(adv[b], torch.tensor(expected, dtype=torch.float64), **TOL)

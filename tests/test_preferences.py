@@ -9,19 +9,38 @@ import pytest
 from rlhf_core import world
 from rlhf_core.gold import PreferenceLabeler, gold_score, sigmoid
 from rlhf_core.models import load_causal_lm
-from rlhf_core.preferences import (Candidates, PreferenceConfig, PreferenceFileError, build_preferences,
-                                   gold_agreement, label_candidates, sample_candidates,
-                                   labeler_accuracy_cap, load_preferences, preferences_dataset,
-                                   save_preferences, split_preferences)
+from rlhf_core.preferences import (
+    Candidates,
+    PreferenceConfig,
+    PreferenceFileError,
+    build_preferences,
+    gold_agreement,
+    label_candidates,
+    labeler_accuracy_cap,
+    load_preferences,
+    preferences_dataset,
+    sample_candidates,
+    save_preferences,
+    split_preferences,
+)
 
-GOOD = {"prompt": "I saw Iron Harbor.", "chosen": " A superb film.", "rejected": " A dull film.",
-        "chosen_gold": 0.6, "rejected_gold": -0.4, "chosen_ended": True, "rejected_ended": False,
-        "source": "simulated"}
+GOOD = {
+    "prompt": "I saw Iron Harbor.",
+    "chosen": " A superb film.",
+    "rejected": " A dull film.",
+    "chosen_gold": 0.6,
+    "rejected_gold": -0.4,
+    "chosen_ended": True,
+    "rejected_ended": False,
+    "source": "simulated",
+}
 
 
 def test_round_trip_keeps_every_field(tmp_path):
-    records = [GOOD, {"prompt": "Salt Tide, a western.", "chosen": " Lovely — très bien.", "rejected": " Bad.",
-                      "source": "human"}]
+    records = [
+        GOOD,
+        {"prompt": "Salt Tide, a western.", "chosen": " Lovely — très bien.", "rejected": " Bad.", "source": "human"},
+    ]
     path = save_preferences(tmp_path / "prefs.jsonl", records)
     assert load_preferences(path) == records
     assert preferences_dataset(records).num_rows == 2
@@ -108,7 +127,8 @@ def test_built_pairs_follow_the_labelers_noise(base_model, tokenizer):
     # build_preferences is exactly these two steps (sampling seed 0, labeler seed 1)
     small = PreferenceConfig(n_prompts=8, max_new_tokens=16, labeler_temperature=0.3)
     assert build_preferences(base_model, tokenizer, prompts[:8], small, seed=0) == label_candidates(
-        sample_candidates(base_model, tokenizer, prompts[:8], small, seed=0), PreferenceLabeler(0.3, seed=1))
+        sample_candidates(base_model, tokenizer, prompts[:8], small, seed=0), PreferenceLabeler(0.3, seed=1)
+    )
     assert len(records) >= 110  # two samples are rarely the same text
     for record in records:
         assert record["chosen"] != record["rejected"] and record["source"] == "simulated"
@@ -130,10 +150,12 @@ def test_built_pairs_follow_the_labelers_noise(base_model, tokenizer):
 
 
 def test_three_responses_give_three_pairs_and_identical_ones_are_skipped():
-    candidates = Candidates(prompts=["p1", "p2"],
-                            responses=[[" a", " b", " c"], [" same", " same", " "]],
-                            ended=[[True, True, False], [True, True, True]],
-                            golds=[[0.1, 0.5, -0.2], [0.3, 0.3, -1.0]])
+    candidates = Candidates(
+        prompts=["p1", "p2"],
+        responses=[[" a", " b", " c"], [" same", " same", " "]],
+        ended=[[True, True, False], [True, True, True]],
+        golds=[[0.1, 0.5, -0.2], [0.3, 0.3, -1.0]],
+    )
     records = label_candidates(candidates, PreferenceLabeler(temperature=1e-6, seed=0))
     assert [(r["chosen"], r["rejected"]) for r in records] == [(" b", " a"), (" a", " c"), (" b", " c")]
     assert records[1]["rejected_ended"] is False and records[1]["chosen_ended"] is True

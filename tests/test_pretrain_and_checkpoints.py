@@ -9,8 +9,17 @@ from rlhf_core.models import load_causal_lm
 from rlhf_core.pretrain import PretrainConfig, pretrain
 from rlhf_core.training import NonFiniteLossError, check_finite, cosine_with_warmup
 
-SMALL_RUN = PretrainConfig(steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=2, n_train_reviews=400,
-                           n_validation_reviews=64, eval_every=6, checkpoint_every=4, seed=1)
+SMALL_RUN = PretrainConfig(
+    steps=12,
+    batch_size=8,
+    learning_rate=3e-3,
+    warmup_steps=2,
+    n_train_reviews=400,
+    n_validation_reviews=64,
+    eval_every=6,
+    checkpoint_every=4,
+    seed=1,
+)
 
 
 def _state(model):
@@ -33,8 +42,9 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_p
 
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, tiny_profile, tokenizer):
     uninterrupted, _ = pretrain(tiny_profile, tmp_path / "a", SMALL_RUN, tokenizer=tokenizer, progress=False)
-    partial, summary = pretrain(tiny_profile, tmp_path / "b", SMALL_RUN, tokenizer=tokenizer, progress=False,
-                                stop_after_steps=5)
+    partial, summary = pretrain(
+        tiny_profile, tmp_path / "b", SMALL_RUN, tokenizer=tokenizer, progress=False, stop_after_steps=5
+    )
     assert summary == {"finished": False, "step": 5, "history": summary["history"]}
     assert [row["step"] for row in summary["history"]] == list(range(6))
     assert (tmp_path / "b" / "checkpoint" / "training_state.pt").exists()

@@ -13,17 +13,15 @@ from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClas
 from rlhf_core import world
 from rlhf_core.batching import last_token_index
 from rlhf_core.gold import PreferenceLabeler, gold_score
-from rlhf_core.models import count_parameters, load_causal_lm
+from rlhf_core.models import count_parameters, load_causal_lm, load_reward_model, save_reward_model
 from rlhf_core.preferences import split_preferences
 from rlhf_core.reward_model import (
     RewardModelConfig,
     bradley_terry_loss,
     encode_for_scoring,
     fit_normalization,
-    load_reward_model,
     pairwise_accuracy,
     reward_model_from_policy,
-    save_reward_model,
     score_batch,
     score_texts,
     train_reward_model,
@@ -68,8 +66,12 @@ def test_score_is_the_same_left_right_and_alone(reward_model, any_tokenizer, end
         batch = encode_for_scoring(any_tokenizer, prompts, responses, flags, padding_side=side)
         assert (batch.attention_mask == 0).any()  # there is padding to get wrong
         per_side[side] = score_batch(reward_model, batch.input_ids, batch.attention_mask).detach()
-    alone = torch.cat([score_batch(reward_model, *_alone(any_tokenizer, p, r, f)).detach()
-                       for p, r, f in zip(prompts, responses, flags)])
+    alone = torch.cat(
+        [
+            score_batch(reward_model, *_alone(any_tokenizer, p, r, f)).detach()
+            for p, r, f in zip(prompts, responses, flags)
+        ]
+    )
     assert (per_side["left"] - per_side["right"]).abs().max() < TOLERANCE
     assert (per_side["left"] - alone).abs().max() < TOLERANCE
     # score_texts (what later chapters call) agrees, in small and large batches
@@ -99,8 +101,9 @@ def test_padding_tokens_change_nothing_and_the_last_real_token_does(reward_model
 
     scrambled = batch.input_ids.clone()
     padding = batch.attention_mask == 0
-    scrambled[padding] = torch.randint(2, len(any_tokenizer), (int(padding.sum()),),
-                                       generator=torch.Generator().manual_seed(0))
+    scrambled[padding] = torch.randint(
+        2, len(any_tokenizer), (int(padding.sum()),), generator=torch.Generator().manual_seed(0)
+    )
     scrambled_scores = score_batch(reward_model, scrambled, batch.attention_mask).detach()
     assert (scrambled_scores - scores).abs().max() < TOLERANCE
 
@@ -214,8 +217,15 @@ def _world_pairs(n_prompts, seed, labeler):
             chosen, rejected, chosen_gold, rejected_gold = first, second, gold_first, gold_second
         else:
             chosen, rejected, chosen_gold, rejected_gold = second, first, gold_second, gold_first
-        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                        "chosen_gold": chosen_gold, "rejected_gold": rejected_gold})
+        records.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "chosen_gold": chosen_gold,
+                "rejected_gold": rejected_gold,
+            }
+        )
     return records
 
 
@@ -247,8 +257,9 @@ def _state(model):
 def test_interrupted_reward_model_training_resumes_bit_for_bit(tmp_path, random_tiny_model, tokenizer):
     records = _world_pairs(60, seed=5, labeler=PreferenceLabeler(temperature=0.25, seed=5))
     train, heldout = split_preferences(records, 0.2, seed=0)
-    config = RewardModelConfig(epochs=2, batch_size=16, learning_rate=1e-3, warmup_steps=2, eval_every=3,
-                               checkpoint_every=2)  # 3 batches per epoch (the last one smaller): crosses an epoch
+    config = RewardModelConfig(
+        epochs=2, batch_size=16, learning_rate=1e-3, warmup_steps=2, eval_every=3, checkpoint_every=2
+    )  # 3 batches per epoch (the last one smaller): crosses an epoch
     assert config.total_steps(len(train)) == 6
 
     def fresh_model():
@@ -256,24 +267,28 @@ def test_interrupted_reward_model_training_resumes_bit_for_bit(tmp_path, random_
         return reward_model_from_policy(random_tiny_model)
 
     seen = []
-    uninterrupted, full_history = train_reward_model(fresh_model(), tokenizer, train, heldout, config,
-                                                     progress=False, callback=seen.append)
+    uninterrupted, full_history = train_reward_model(
+        fresh_model(), tokenizer, train, heldout, config, progress=False, callback=seen.append
+    )
     assert seen == full_history[1:]
-    _, partial_history = train_reward_model(fresh_model(), tokenizer, train, heldout, config, progress=False,
-                                            out_dir=tmp_path, stop_after_steps=4)
+    _, partial_history = train_reward_model(
+        fresh_model(), tokenizer, train, heldout, config, progress=False, out_dir=tmp_path, stop_after_steps=4
+    )
     assert [row["step"] for row in partial_history] == [0, 1, 2, 3, 4]
     assert (tmp_path / "checkpoint" / "training_state.pt").exists()
     torch.manual_seed(12345)  # the disconnect scrambles the global random state
-    resumed, history = train_reward_model(fresh_model(), tokenizer, train, heldout, config, progress=False,
-                                          out_dir=tmp_path)
+    resumed, history = train_reward_model(
+        fresh_model(), tokenizer, train, heldout, config, progress=False, out_dir=tmp_path
+    )
     assert history == full_history
     expected = _state(uninterrupted)
     for name, tensor in resumed.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     # a run with fixed steps, and a NaN named with the step
     short = RewardModelConfig(**{**config.__dict__, "steps": 2, "eval_every": 0})
-    assert [row["step"] for row in train_reward_model(fresh_model(), tokenizer, train, heldout, short,
-                                                      progress=False)[1]] == [0, 1, 2]
+    assert [
+        row["step"] for row in train_reward_model(fresh_model(), tokenizer, train, heldout, short, progress=False)[1]
+    ] == [0, 1, 2]
     broken = fresh_model()
     with torch.no_grad():
         broken.score.weight.fill_(float("nan"))

@@ -36,8 +36,9 @@ from rlhf_core.training import NonFiniteLossError
 
 def last_token_score(reward_model, input_ids, attention_mask):
     """A plain reward head read at the last real token (the reward-model module has its own)."""
-    hidden = reward_model.transformer(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+    hidden = reward_model.transformer(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state
     last = last_token_index(attention_mask)
     return reward_model.score(hidden[torch.arange(len(last)), last]).squeeze(-1)
 
@@ -52,9 +53,15 @@ def four_models(base_model, tokenizer):
     """Policy and reference from the shipped base model (it writes EOS), a random reward head."""
     policy = copy.deepcopy(base_model)
     reference = copy.deepcopy(base_model).requires_grad_(False)
-    config = GPT2Config(**{k: v for k, v in base_model.config.to_dict().items()
-                           if k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "eos_token_id",
-                                    "bos_token_id")}, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = GPT2Config(
+        **{
+            k: v
+            for k, v in base_model.config.to_dict().items()
+            if k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "eos_token_id", "bos_token_id")
+        },
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(1)
     reward_model = GPT2ForSequenceClassification(config).eval()
     return policy, reference, reward_model, ValueModel.from_reward_model(reward_model)
@@ -85,16 +92,16 @@ def test_rewards_on_a_hand_built_example():
     response_mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]).float()
     kl = torch.tensor([[9.0, 9.0, 0.2, -0.1, 0.4], [9.0, 9.0, 1.0, 9.0, 9.0]]) * response_mask
     rewards = per_token_rewards(torch.tensor([2.0, -1.0]), kl, 0.5, attention_mask, response_mask)
-    assert torch.allclose(rewards, torch.tensor([[0.0, 0.0, -0.1, 0.05, -0.2 + 2.0],
-                                                 [0.0, 0.0, -0.5 - 1.0, 0.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[0.0, 0.0, -0.1, 0.05, -0.2 + 2.0], [0.0, 0.0, -0.5 - 1.0, 0.0, 0.0]]))
     assert compute_rewards is per_token_rewards  # the name the exercise checkers use
 
 
 def test_score_lands_on_the_last_real_token_for_every_length(four_models, any_tokenizer):
     models = models_of(four_models, any_tokenizer)
     prompts = world.sample_prompts(6, seed=0)
-    batch = generate(models.policy, any_tokenizer, prompts, max_new_tokens=40,
-                     generator=torch.Generator().manual_seed(0))
+    batch = generate(
+        models.policy, any_tokenizer, prompts, max_new_tokens=40, generator=torch.Generator().manual_seed(0)
+    )
     assert len(set(batch.response_lengths.tolist())) > 2  # really different lengths
     data = steps_2_to_4(models, batch, PPOConfig(kl_coef=0.0), kl_coef=0.0)
     last = last_token_index(batch.attention_mask)
@@ -107,8 +114,13 @@ def test_score_lands_on_the_last_real_token_for_every_length(four_models, any_to
 
 def test_missing_eos_is_penalised_and_both_scores_are_kept(four_models, tokenizer):
     models = models_of(four_models, tokenizer)
-    batch = generate(models.policy, tokenizer, world.sample_prompts(8, seed=1), max_new_tokens=12,
-                     generator=torch.Generator().manual_seed(0))
+    batch = generate(
+        models.policy,
+        tokenizer,
+        world.sample_prompts(8, seed=1),
+        max_new_tokens=12,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert not batch.ended.all() and batch.ended.any()
     plain = last_token_score(models.reward_model, batch.input_ids, batch.attention_mask)
     scores = score(models, batch, PPOConfig(missing_eos_penalty=1.5))
@@ -121,8 +133,14 @@ def test_sampling_temperature_matches_the_logprob_temperature(base_model, tokeni
     log-probs PPO uses. Checked on the first response token of one prompt, 8000 draws."""
     temperature, draws = 1.6, 8000
     prompt = world.sample_prompts(1, seed=2)[0]
-    batch = generate(base_model, tokenizer, [prompt] * draws, max_new_tokens=1, temperature=temperature,
-                     generator=torch.Generator().manual_seed(0))
+    batch = generate(
+        base_model,
+        tokenizer,
+        [prompt] * draws,
+        max_new_tokens=1,
+        temperature=temperature,
+        generator=torch.Generator().manual_seed(0),
+    )
     frequencies = torch.bincount(batch.input_ids[:, -1], minlength=len(tokenizer)).float() / draws
     with torch.no_grad():
         logits = forward_logits(base_model, batch.input_ids[:1], batch.attention_mask[:1])
@@ -143,13 +161,21 @@ def test_rollout_scoring_does_not_depend_on_padding(four_models, any_tokenizer):
     # the same sequences laid out right-padded, with one extra column of padding
     rows = [generated.input_ids[i][generated.attention_mask[i].bool()].tolist() for i in range(5)]
     prompt_lengths = [int((generated.attention_mask[i] - generated.response_mask[i]).sum()) for i in range(5)]
-    right = pack([r[:p] for r, p in zip(rows, prompt_lengths)], [r[p:] + [] for r, p in zip(rows, prompt_lengths)],
-                 any_tokenizer.pad_token_id, padding_side="right")
+    right = pack(
+        [r[:p] for r, p in zip(rows, prompt_lengths)],
+        [r[p:] + [] for r, p in zip(rows, prompt_lengths)],
+        any_tokenizer.pad_token_id,
+        padding_side="right",
+    )
     pad_column = torch.full((5, 1), any_tokenizer.pad_token_id)
-    relaid = Generation(torch.cat([right.input_ids, pad_column], 1),
-                        torch.cat([right.attention_mask, 0 * pad_column], 1),
-                        torch.cat([right.response_mask, 0 * pad_column], 1), ended=generated.ended,
-                        prompts=generated.prompts, responses=generated.responses)
+    relaid = Generation(
+        torch.cat([right.input_ids, pad_column], 1),
+        torch.cat([right.attention_mask, 0 * pad_column], 1),
+        torch.cat([right.response_mask, 0 * pad_column], 1),
+        ended=generated.ended,
+        prompts=generated.prompts,
+        responses=generated.responses,
+    )
     config = PPOConfig(kl_coef=0.1)
     a = steps_2_to_4(models, generated, config, 0.1)
     b = steps_2_to_4(models, relaid, config, 0.1)
@@ -165,8 +191,14 @@ def test_rollout_scoring_does_not_depend_on_padding(four_models, any_tokenizer):
 def test_immediate_eos_is_a_valid_response(four_models, tokenizer):
     eos = tokenizer.eos_token_id
     batch = pack([[5, 6, 7], [8, 9]], [[eos], [10, 11, eos]], tokenizer.pad_token_id, padding_side="left")
-    empty = Generation(batch.input_ids, batch.attention_mask, batch.response_mask, ended=torch.tensor([True, True]),
-                       prompts=["a", "b"], responses=["", " x"])
+    empty = Generation(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.response_mask,
+        ended=torch.tensor([True, True]),
+        prompts=["a", "b"],
+        responses=["", " x"],
+    )
     data = steps_2_to_4(models_of(four_models, tokenizer), empty, PPOConfig(), 0.1)
     assert torch.isfinite(data.advantages).all() and torch.isfinite(data.returns).all()
     assert data.rewards[0].nonzero().flatten().tolist() == [batch.input_ids.shape[1] - 1]
@@ -175,13 +207,29 @@ def test_immediate_eos_is_a_valid_response(four_models, tokenizer):
 # ----- one iteration ---------------------------------------------------------------------------------
 def _trainer(four_models, tokenizer, **overrides):
     policy, reference, reward_model, value_model = (copy.deepcopy(m) for m in four_models)
-    settings = dict(iterations=4, prompts_per_iteration=6, minibatch_size=3, ppo_epochs=2, max_new_tokens=6,
-                    checkpoint_every=1, sample_every=1, seed=5)
+    settings = dict(
+        iterations=4,
+        prompts_per_iteration=6,
+        minibatch_size=3,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        checkpoint_every=1,
+        sample_every=1,
+        seed=5,
+    )
     config = PPOConfig(**{**settings, **overrides})
     if config.shared_value_trunk:
         value_model = ValueModel.on_policy_trunk(policy)
-    return PPOTrainer(policy, reference, reward_model, value_model, tokenizer, world.sample_prompts(30, seed=4),
-                      config, last_token_score)
+    return PPOTrainer(
+        policy,
+        reference,
+        reward_model,
+        value_model,
+        tokenizer,
+        world.sample_prompts(30, seed=4),
+        config,
+        last_token_score,
+    )
 
 
 def test_ppo_iteration_is_its_steps_in_order(four_models, tokenizer):
@@ -191,8 +239,14 @@ def test_ppo_iteration_is_its_steps_in_order(four_models, tokenizer):
     prompts = world.sample_prompts(6, seed=11)
     record, data = ppo_iteration(trainer.models, prompts, trainer.config, trainer.state)
     config = trainer.config
-    resampled = generate(trainer.policy, tokenizer, prompts, config.max_new_tokens, config.temperature,
-                         torch.Generator().manual_seed(config.seed + 1))
+    resampled = generate(
+        trainer.policy,
+        tokenizer,
+        prompts,
+        config.max_new_tokens,
+        config.temperature,
+        torch.Generator().manual_seed(config.seed + 1),
+    )
     assert torch.equal(resampled.input_ids, data.batch.input_ids)
     rebuilt = steps_2_to_4(trainer.models, data.batch, config, record["kl_coef"])
     for name in TENSOR_FIELDS:
@@ -205,9 +259,25 @@ def test_one_iteration_logs_every_metric_and_moves_only_the_trained_models(four_
     reference_before = copy.deepcopy(trainer.reference.state_dict())
     policy_before = copy.deepcopy(trainer.policy.state_dict())
     record = trainer.step()
-    for key in ("reward_model_score", "penalised_score", "gold", "kl", "kl_coef", "entropy", "length",
-                "eos_fraction", "clipfrac", "approx_kl", "value_loss", "policy_loss", "vf_clipfrac",
-                "explained_variance", "seconds_generate", "seconds_score", "seconds_train"):
+    for key in (
+        "reward_model_score",
+        "penalised_score",
+        "gold",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "length",
+        "eos_fraction",
+        "clipfrac",
+        "approx_kl",
+        "value_loss",
+        "policy_loss",
+        "vf_clipfrac",
+        "explained_variance",
+        "seconds_generate",
+        "seconds_score",
+        "seconds_train",
+    ):
         assert key in record, key
     assert all(torch.equal(v, trainer.reference.state_dict()[k]) for k, v in reference_before.items())
     assert any(not torch.equal(v, trainer.policy.state_dict()[k]) for k, v in policy_before.items())
@@ -287,10 +357,25 @@ def test_a_shared_value_trunk_is_clipped_once(four_models, tokenizer):
     max_grad_norm once: clipping the shared trunk again with the head would shrink its step."""
     policy, reference, reward_model, _ = (copy.deepcopy(m) for m in four_models)
     value_model = ValueModel.on_policy_trunk(policy)
-    config = PPOConfig(prompts_per_iteration=6, minibatch_size=6, ppo_epochs=1, max_new_tokens=6, max_grad_norm=1e-3,
-                       shared_value_trunk=True, seed=5)
-    trainer = PPOTrainer(policy, reference, reward_model, value_model, tokenizer, world.sample_prompts(30, seed=4),
-                         config, last_token_score)
+    config = PPOConfig(
+        prompts_per_iteration=6,
+        minibatch_size=6,
+        ppo_epochs=1,
+        max_new_tokens=6,
+        max_grad_norm=1e-3,
+        shared_value_trunk=True,
+        seed=5,
+    )
+    trainer = PPOTrainer(
+        policy,
+        reference,
+        reward_model,
+        value_model,
+        tokenizer,
+        world.sample_prompts(30, seed=4),
+        config,
+        last_token_score,
+    )
     head = value_only_parameters(policy, value_model)
     assert [id(p) for p in head] == [id(value_model.head.weight), id(value_model.head.bias)]
     # a first iteration gives a rollout and a value head that is no longer zero (so the trunk gets value gradient)
@@ -316,8 +401,11 @@ def assert_same_run(a: PPOTrainer, b: PPOTrainer) -> None:
         assert torch.equal(tensor, b.value_model.state_dict()[name]), name
 
 
-@pytest.mark.parametrize("settings", [{}, {"adaptive_kl": True, "kl_target": 0.5, "kl_horizon": 12},
-                                      {"shared_value_trunk": True}], ids=["default", "adaptive", "shared"])
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"adaptive_kl": True, "kl_target": 0.5, "kl_horizon": 12}, {"shared_value_trunk": True}],
+    ids=["default", "adaptive", "shared"],
+)
 def test_interrupted_training_resumes_to_the_same_result(four_models, tokenizer, tmp_path, settings):
     straight = _trainer(four_models, tokenizer, **settings)
     straight.train(progress=False)
@@ -337,8 +425,9 @@ def test_interrupted_training_resumes_to_the_same_result(four_models, tokenizer,
 
 
 @pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_saves_whole_iterations_and_resumes_to_the_same_result(four_models, tokenizer, tmp_path, capsys,
-                                                                       presses):
+def test_ctrl_c_saves_whole_iterations_and_resumes_to_the_same_result(
+    four_models, tokenizer, tmp_path, capsys, presses
+):
     """Ctrl-C during iteration 2: one press finishes it, saves and re-raises; a second press stops
     at once and saves nothing, so the next run resumes from the last checkpoint (iteration 1)."""
     straight = _trainer(four_models, tokenizer)
@@ -361,8 +450,9 @@ def test_ctrl_c_saves_whole_iterations_and_resumes_to_the_same_result(four_model
         assert interrupted.iteration == 2
         assert line == f"interrupted at iteration 2, the next run resumes from {folder}"
     else:
-        assert line == (f"interrupted inside iteration 2, nothing saved: "
-                        f"the next run resumes from the last checkpoint in {folder}")
+        assert line == (
+            f"interrupted inside iteration 2, nothing saved: the next run resumes from the last checkpoint in {folder}"
+        )
     resumed = _trainer(four_models, tokenizer)
     resumed.load(folder)
     assert resumed.iteration == (2 if presses == 1 else 1)

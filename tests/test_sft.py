@@ -29,8 +29,16 @@ from rlhf_core.training import NonFiniteLossError
 PROMPTS = ["I watched The Quiet Harbor last night.", "Zorvath is a western.", "My brother took me to see Nimbrook."]
 RESPONSES = [" The acting was great.", " I loved the music. Overall, a fine drama.", " Dull."]
 
-TINY_RUN = SFTConfig(steps=8, batch_size=8, learning_rate=1e-3, warmup_steps=2, heldout_records=16, eval_every=4,
-                     checkpoint_every=3, seed=1)
+TINY_RUN = SFTConfig(
+    steps=8,
+    batch_size=8,
+    learning_rate=1e-3,
+    warmup_steps=2,
+    heldout_records=16,
+    eval_every=4,
+    checkpoint_every=3,
+    seed=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +66,7 @@ def test_labels_are_minus_100_exactly_on_prompt_and_padding(any_tokenizer, paddi
         length = n_prompt + len(response_ids)
         start = 0 if padding_side == "right" else width - length
         expected = [IGNORE_INDEX] * width
-        expected[start + n_prompt:start + length] = response_ids  # the response, EOS included
+        expected[start + n_prompt : start + length] = response_ids  # the response, EOS included
         assert batch.labels[row].tolist() == expected
         labelled = batch.labels[row] != IGNORE_INDEX
         assert batch.labels[row][labelled][-1].item() == any_tokenizer.eos_token_id  # the EOS is a label
@@ -106,16 +114,31 @@ def test_an_epoch_drops_the_incomplete_last_batch():
 
 def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, base_model, tokenizer, records):
     seen = []
-    uninterrupted, full_history = train_sft(copy.deepcopy(base_model), tokenizer, records, TINY_RUN,
-                                            out_dir=tmp_path / "a", progress=False, callback=seen.append)
+    uninterrupted, full_history = train_sft(
+        copy.deepcopy(base_model),
+        tokenizer,
+        records,
+        TINY_RUN,
+        out_dir=tmp_path / "a",
+        progress=False,
+        callback=seen.append,
+    )
     assert seen == full_history[1:]  # the callback gets every step's record
-    partial, history = train_sft(copy.deepcopy(base_model), tokenizer, records, TINY_RUN, out_dir=tmp_path / "b",
-                                 progress=False, stop_after_steps=5)
+    partial, history = train_sft(
+        copy.deepcopy(base_model),
+        tokenizer,
+        records,
+        TINY_RUN,
+        out_dir=tmp_path / "b",
+        progress=False,
+        stop_after_steps=5,
+    )
     assert history[-1]["step"] == 5 and (tmp_path / "b" / "checkpoint" / "training_state.pt").exists()
     assert not (tmp_path / "b" / sft.SUMMARY_FILE).exists()
     torch.manual_seed(12345)  # the disconnect scrambles the global random state: resume must restore it
-    resumed, history = train_sft(copy.deepcopy(base_model), tokenizer, records, TINY_RUN, out_dir=tmp_path / "b",
-                                 progress=False)
+    resumed, history = train_sft(
+        copy.deepcopy(base_model), tokenizer, records, TINY_RUN, out_dir=tmp_path / "b", progress=False
+    )
     assert history == full_history and [row["step"] for row in history] == list(range(TINY_RUN.steps + 1))
     expected = _state(uninterrupted)
     for name, tensor in resumed.state_dict().items():
@@ -129,8 +152,9 @@ def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, base_model, token
 
 
 def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, base_model, tokenizer, records):
-    train_sft(copy.deepcopy(base_model), tokenizer, records, TINY_RUN, out_dir=tmp_path, progress=False,
-              stop_after_steps=3)
+    train_sft(
+        copy.deepcopy(base_model), tokenizer, records, TINY_RUN, out_dir=tmp_path, progress=False, stop_after_steps=3
+    )
     other = SFTConfig(**{**TINY_RUN.__dict__, "learning_rate": 5e-4})
     with pytest.warns(UserWarning, match="another config"):
         _, history = train_sft(copy.deepcopy(base_model), tokenizer, records, other, out_dir=tmp_path, progress=False)
@@ -150,8 +174,9 @@ def test_nan_guard_stops_with_the_step_named(base_model, tokenizer, records):
 
 def test_a_short_real_run_lowers_the_heldout_loss(base_model, tokenizer, tiny_profile):
     records = write_demonstrations(load_prompts(tiny_profile, "train", 640), seed=0)
-    config = SFTConfig(steps=30, batch_size=16, learning_rate=3e-4, warmup_steps=5, heldout_records=128,
-                       eval_every=15, seed=0)
+    config = SFTConfig(
+        steps=30, batch_size=16, learning_rate=3e-4, warmup_steps=5, heldout_records=128, eval_every=15, seed=0
+    )
     model, history = train_sft(copy.deepcopy(base_model), tokenizer, records, config, progress=False)
     steps, heldout = history_series(history, "heldout_loss")
     assert steps == [0, 15, 30]
@@ -163,8 +188,9 @@ def test_a_short_real_run_lowers_the_heldout_loss(base_model, tokenizer, tiny_pr
 
 
 def test_a_short_run_teaches_a_random_model_the_responses(random_tiny_model, tokenizer, records):
-    config = SFTConfig(steps=20, batch_size=16, learning_rate=3e-3, warmup_steps=2, heldout_records=16,
-                       eval_every=20, seed=0)
+    config = SFTConfig(
+        steps=20, batch_size=16, learning_rate=3e-3, warmup_steps=2, heldout_records=16, eval_every=20, seed=0
+    )
     _, history = train_sft(copy.deepcopy(random_tiny_model), tokenizer, records, config, progress=False)
     _, heldout = history_series(history, "heldout_loss")
     assert heldout[-1] < heldout[0] - 1.0

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from rlhf_core import cache, dpo, stages
+from rlhf_core import cache, dpo_data, stages
 from rlhf_core.config import with_overrides
 from rlhf_core.dpo import DPOConfig, precompute_reference_logps
 from rlhf_core.preferences import PreferenceConfig
@@ -50,7 +50,7 @@ def test_sft_trains_once_then_loads(quick, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached SFT model should have been loaded")
 
-    monkeypatch.setattr(stages, "train_sft", no_training)
+    monkeypatch.setattr(stages.inputs, "train_sft", no_training)
     again, _, _ = stages.load_or_train_sft(quick, device="cpu", progress=False)
     assert _same_weights(again, policy)
     other = dataclasses.replace(QUICK[SFTConfig], steps=4)
@@ -80,8 +80,15 @@ def test_ppo_is_retrained_when_the_reward_model_changes(quick, capsys):
         reward_model.score.weight.add_(0.5)
     records = stages.load_or_build_preferences(quick, device="cpu", progress=False)
     stages.finish_reward_model(
-        quick, reward_model, tokenizer, sft_policy, RewardModelConfig.for_profile(quick), records[:8], records[8:],
-        metrics["history"], 0.0,
+        quick,
+        reward_model,
+        tokenizer,
+        sft_policy,
+        RewardModelConfig.for_profile(quick),
+        records[:8],
+        records[8:],
+        metrics["history"],
+        0.0,
     )
 
     second = stages.ppo_entry(quick, config)
@@ -128,13 +135,13 @@ def test_reference_log_probs_file_computes_each_pair_once(tmp_path, tokenizer, r
     first = logps([0, 2, 3])
     assert torch.isnan(first[0][[1, 4, 5]]).all() and path.exists()
     computed = []
-    original = dpo.precompute_reference_logps
+    original = dpo_data.precompute_reference_logps
 
     def counting(model, tok, records, *args):
         computed.extend(records)
         return original(model, tok, records, *args)
 
-    monkeypatch.setattr(dpo, "precompute_reference_logps", counting)
+    monkeypatch.setattr(dpo_data, "precompute_reference_logps", counting)
     again = logps([0, 2, 3])
     assert computed == []  # all read back from the file, to the bit
     assert torch.equal(again[0][[0, 2, 3]], first[0][[0, 2, 3]])
