@@ -5,6 +5,7 @@
     python -m rlhf_core pretrain [--profile tiny|small]                     (re)build the base model
     python -m rlhf_core world [--n 5] [--seed 0]                            print a few world reviews
     python -m rlhf_core chapters [NN ...]               re-execute the chapters in place (tiny profile)
+    python -m rlhf_core bench [--against trl] [--quick] seconds per step, fraction of peak, against TRL
 
 Bad input gets one line on stderr naming the flag and the fix, and exit status 2; it is checked before
 any stage runs.
