@@ -1,7 +1,8 @@
 """Command line: ``python -m rlhf_core {run,pretrain,world,chapters}``.
 
-    python -m rlhf_core run [--profile tiny|small|gpt2|auto] [--out DIR] [--fresh [STAGE]] [--until STAGE]
-                            [--precision auto|fp32|bf16|fp16] [--quick]     the pipeline, stage by stage
+    python -m rlhf_core run [--profile tiny|small|gpt2|gpt2-medium|gpt2-large|auto] [--out DIR]
+                            [--fresh [STAGE]] [--until STAGE] [--precision auto|fp32|bf16|fp16] [--quick]
+                            [--lora] [--lora-rank N]                         the pipeline, stage by stage
     python -m rlhf_core pretrain [--profile tiny|small]                     (re)build the base model
     python -m rlhf_core world [--n 5] [--seed 0]                            print a few world reviews
     python -m rlhf_core chapters [NN ...]               re-execute the chapters in place (tiny profile)
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench, notebooks
+from . import bench, launch, notebooks
 from .config import PROFILE_NAMES, REPO_DIR, get_profile, select_device
 from .errors import CourseError
 from .gold import gold_score
@@ -34,6 +35,7 @@ from .training import NonFiniteLossError
 from .world import ReviewWorld
 
 PROG = "python -m rlhf_core"
+DEFAULT_LORA_RANK = 8  # --lora's rank when --lora-rank is left out
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -121,6 +123,19 @@ def checked_best_of_n(n: int | None) -> dict:
     return {"best_of_n": n}
 
 
+def checked_lora(lora: bool, rank: int | None) -> dict:
+    """``--lora`` / ``--lora-rank N`` as a profile override (none when both are left out): LoRA adapters
+    of rank N (default 8) on every trained policy."""
+    if rank is not None and rank < 1:
+        raise CourseError(
+            f"--lora-rank {rank}: a LoRA rank is a whole number of at least 1; use --lora-rank 8 (the default), "
+            f"or leave --lora and --lora-rank out for full fine-tuning"
+        )
+    if not lora and rank is None:
+        return {}
+    return {"lora_rank": rank if rank is not None else DEFAULT_LORA_RANK}
+
+
 # ----------------------------------------------------------------------------------------------
 # The commands
 
@@ -129,6 +144,7 @@ def command_run(args) -> int:
     """The whole pipeline (``rlhf_core.pipeline``): stages, results table, metrics, report, figures."""
     # every argument is checked before the first stage runs
     profile = get_profile(checked_profile(args.profile), quick=args.quick or None)  # None: $RLHF_QUICK decides
+    profile = profile.with_overrides(**checked_lora(args.lora, args.lora_rank))
     device = checked_device(args.device)
     precision = checked_precision(args.precision, device)
     out = check_output_folder(args.out)
@@ -191,7 +207,11 @@ def parser() -> OneLineParser:
     commands = main_parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,world,chapters,bench}")
 
     run = commands.add_parser("run", help="run the pipeline, print its results table, write metrics, report, figures")
-    run.add_argument("--profile", default=None, help="tiny, small, gpt2 or auto (default: $RLHF_PROFILE or auto)")
+    run.add_argument(
+        "--profile",
+        default=None,
+        help="tiny, small, gpt2, gpt2-medium, gpt2-large or auto (default: $RLHF_PROFILE or auto)",
+    )
     run.add_argument(
         "--out",
         default=str(REPO_DIR / "runs" / "latest"),
@@ -220,6 +240,19 @@ def parser() -> OneLineParser:
         choices=PRECISIONS,
         help="forward passes in fp32, or mixed bf16 / fp16 (CUDA) (default: $RLHF_PRECISION, else auto: "
         "bf16 or fp16 on CUDA, fp32 elsewhere)",
+    )
+    run.add_argument(
+        "--lora",
+        action="store_true",
+        help="train LoRA adapters (peft) instead of every weight, in SFT, PPO, DPO, GRPO and RLOO; "
+        "pi_ref is the policy with its adapters off (gpt2-medium and gpt2-large: the default)",
+    )
+    run.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"the adapters' rank (default {DEFAULT_LORA_RANK}; implies --lora)",
     )
     run.add_argument(
         "--quick",
@@ -262,6 +295,10 @@ def parser() -> OneLineParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The exit status of the command ``argv`` (default: the process's arguments)."""
+    if argv is None:  # ``accelerate launch --cpu --num_processes N``: start the N processes (rlhf_core.launch)
+        status = launch.relaunch_cpu_processes()
+        if status is not None:
+            return status
     try:
         args = parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a usage error already printed as one line

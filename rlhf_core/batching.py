@@ -172,6 +172,11 @@ def used_columns(attention_mask: torch.Tensor) -> slice:
     return slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, 0)
 
 
+def rows_and_columns(tensor: torch.Tensor, rows: torch.Tensor, columns: slice) -> torch.Tensor:
+    """``tensor``'s ``rows``, cut to ``columns`` (a minibatch of a per-token tensor). (B, T) -> (b, t)"""
+    return tensor[rows][:, columns]
+
+
 def length_sorted_minibatches(
     lengths: torch.Tensor, minibatch_size: int, generator: torch.Generator | None = None
 ) -> list[torch.Tensor]:
@@ -182,3 +187,14 @@ def length_sorted_minibatches(
     order = order[torch.argsort(lengths.cpu()[order], stable=True)]
     minibatches = list(torch.split(order, minibatch_size))
     return [minibatches[i] for i in torch.randperm(len(minibatches), generator=generator)]
+
+
+def minibatch_rows(
+    response_lengths: torch.Tensor, minibatch_size: int, generator: torch.Generator | None, length_sorted: bool
+) -> list[torch.Tensor]:
+    """One epoch's minibatches of row indices over a rollout: rows of similar response length
+    together (``length_sorted_minibatches``) or a plain shuffle (the PPO of the papers). Either
+    way every row is in exactly one minibatch, and the minibatches come in random order."""
+    if length_sorted:
+        return length_sorted_minibatches(response_lengths, minibatch_size, generator)
+    return list(torch.split(torch.randperm(len(response_lengths), generator=generator), minibatch_size))

@@ -14,7 +14,8 @@ step does not depend on the weights). What is reported, per stage:
   seconds per unit: an optimizer step (SFT, reward model, DPO: the mean over ``steps`` steps after
   an untimed first one), an iteration (PPO and GRPO, split into generation, scoring and update
   phases, each repeat from the same weights and seeds: the same responses), or a ``generate``
-  call (generation, also as tokens per second and milliseconds per decode step). Every repeat runs
+  call (generation, also as tokens per second and milliseconds per decode step, beside
+  ``transformers``' own ``generate`` on the same model and prompts). Every repeat runs
   the same batches in the same order, from the same starting weights.
 - ``fraction_of_peak``: the stage's FLOPs per second over the device's peak. FLOPs are counted by
   ``torch.utils.flop_counter.FlopCounterMode`` on an untimed run of the same work: matrix
@@ -68,7 +69,7 @@ from .errors import CourseError
 from .generation import generate
 from .grpo_trainer import CriticFreeTrainer
 from .models import load_causal_lm, new_model
-from .precision import resolve_precision
+from .precision import autocast, resolve_precision
 from .reward_model import RewardModelConfig, reward_model_from_policy, score_batch, train_reward_model
 from .rlhf import PPOConfig, ValueModel
 from .rlhf_trainer import PPOTrainer
@@ -308,7 +309,7 @@ class BenchRun:
             result = sample()  # the same seed every time: the same tokens, the same work
         seconds = [timed(self.device, sample)[0] for _ in range(self.config.repeats)]
         tokens = int(result.response_mask.sum())
-        decode_steps = result.response_mask.shape[1]  # one sampled column per step, the prompt pass included
+        decode_steps = result.response_mask.shape[1] - result.prompt_width  # one sampled column per step
         median = statistics.median(seconds)
         return {
             **spread(seconds),
@@ -318,7 +319,38 @@ class BenchRun:
             "tokens": tokens,
             "tokens_per_second": tokens / median,
             "ms_per_decode_step": 1000 * median / decode_steps,
+            "transformers_ms_per_decode_step": self.transformers_ms_per_decode_step(prompts),
         }
+
+    def transformers_ms_per_decode_step(self, prompts: list[str]) -> float:
+        """The peer of our decoding loop: ``transformers``' own ``generate`` on the same model and
+        prompts (left-padded), sampling at temperature 1 from the whole vocabulary, up to the same
+        number of new tokens, under the same autocast; milliseconds per decode step, the median
+        over ``repeats`` (its samples differ from ours, so the step is the unit compared)."""
+        left_padded = copy.copy(self.tokenizer)
+        left_padded.padding_side = "left"
+        encoded = left_padded(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(self.device)
+        settings = {
+            "do_sample": True,
+            "temperature": 1.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "max_new_tokens": self.config.max_new_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+
+        def sample() -> torch.Tensor:
+            torch.manual_seed(self.config.seed)
+            with torch.no_grad(), autocast(self.device, resolve_precision(None, self.device)):
+                return self.policy.generate(**encoded, **settings)
+
+        sample()  # warm-up
+        per_step = []
+        for _ in range(self.config.repeats):
+            seconds, output = timed(self.device, sample)
+            per_step.append(1000 * seconds / (output.shape[1] - encoded["input_ids"].shape[1]))
+        return statistics.median(per_step)
 
 
 STAGES = ("sft", "reward_model", "dpo", "ppo", "grpo", "generation")
@@ -403,7 +435,9 @@ def table(results: dict) -> str:
     generation = results["stages"]["generation"]
     lines.append(
         f"generation: {generation['tokens_per_second']:.0f} tokens/s, "
-        f"{generation['ms_per_decode_step']:.1f} ms per decode step ({generation['prompts']} prompts)"
+        f"{generation['ms_per_decode_step']:.1f} ms per decode step ({generation['prompts']} prompts); "
+        f"transformers' generate on the same model and prompts: "
+        f"{generation['transformers_ms_per_decode_step']:.1f} ms per decode step"
     )
     lines.append(f"FLOPs counted by {results['flops_counted_by']}")
     return "\n".join(lines)

@@ -17,6 +17,8 @@ critic-free policies, and the pipeline's measurements) is cached the same way:
   full disk is caught). A damaged folder is reported in one line and rebuilt.
 - **Digests flow downstream.** A stage's digest hashes its output files; the stages built on it put
   that digest into their own key. Retrain the reward model, and PPO's key changes with it.
+- **One writer.** Under ``accelerate launch`` the main process alone decides whether a stage is
+  finished (every process gets its answer) and writes; the others wait for it (``rlhf_core.distributed``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
+from . import distributed
 from .config import Profile, cache_dir
 
 FORMAT = 3  # version of the cache layout; bump it when what a stage stores changes (3: RL stages keep summary.json)
@@ -159,7 +162,12 @@ def entry_problem(entry: StageEntry) -> str | None:
 
 def is_finished(entry: StageEntry, announce: Callable[[str], None] = print) -> bool:
     """True when the entry holds an intact finished result. A damaged one is removed after one line
-    saying so, and False is returned: the caller rebuilds it."""
+    saying so, and False is returned: the caller rebuilds it. Several processes: the main one checks
+    (and removes), and every process gets its answer: they build a stage together or not at all."""
+    return distributed.on_main(lambda: _is_finished(entry, announce))
+
+
+def _is_finished(entry: StageEntry, announce: Callable[[str], None]) -> bool:
     if not entry.manifest_path.exists():
         return False
     problem = entry_problem(entry)
@@ -171,7 +179,11 @@ def is_finished(entry: StageEntry, announce: Callable[[str], None] = print) -> b
 
 
 def remove(entry: StageEntry) -> bool:
-    """Delete the entry's folder (finished or not); True when there was one."""
+    """Delete the entry's folder (finished or not); True when there was one (the main process deletes)."""
+    return distributed.on_main(lambda: _remove(entry))
+
+
+def _remove(entry: StageEntry) -> bool:
     if entry.folder.exists():
         shutil.rmtree(entry.folder)
         return True
@@ -180,7 +192,11 @@ def remove(entry: StageEntry) -> bool:
 
 def finish(entry: StageEntry, files: Sequence[str], details: dict | None = None) -> dict:
     """Mark the entry finished: hash the listed output files, write the manifest last and
-    atomically. Returns the manifest."""
+    atomically. Returns the manifest. Several processes: the main one writes it, and every process
+    returns it once it is there."""
+    if not distributed.is_main_process():
+        distributed.wait_for_everyone()
+        return entry.manifest()
     records = {}
     for name in sorted(files):
         path = entry.folder / name
@@ -196,6 +212,7 @@ def finish(entry: StageEntry, files: Sequence[str], details: dict | None = None)
         **(details or {}),
     }
     write_json_atomically(entry.manifest_path, manifest)
+    distributed.wait_for_everyone()
     return manifest
 
 
@@ -209,14 +226,25 @@ def write_json_atomically(path: Path, data) -> None:
 
 def cached_json(path: Path, key: str, compute: Callable[[], dict]) -> tuple[dict, bool]:
     """``compute()``'s result, stored in ``path`` under ``key``: returned as ``(result, cached)``.
-    A file with another key, or one that cannot be read, is recomputed."""
+    A file with another key, or one that cannot be read, is recomputed. Several processes: the main
+    one reads the file and shares what it found; each computes, the main one writes."""
+    stored = distributed.on_main(lambda: _stored_result(path, key))
+    if stored is not None:
+        return stored, True
+    result = compute()
+    if distributed.is_main_process():
+        write_json_atomically(path, {"key": key, "result": result})
+    distributed.wait_for_everyone()
+    return result, False
+
+
+def _stored_result(path: Path, key: str):
+    """The result stored in ``path`` under ``key``; None when there is none (or it cannot be read)."""
     if path.exists():
         try:
             stored = json.loads(path.read_text())
             if stored.get("key") == key:
-                return stored["result"], True
+                return stored["result"]
         except (OSError, json.JSONDecodeError, KeyError):
             pass
-    result = compute()
-    write_json_atomically(path, {"key": key, "result": result})
-    return result, False
+    return None

@@ -7,15 +7,24 @@ A *profile* says which world the course runs in:
 - ``small`` the same offline world with a 4-layer x 256 GPT-2, pretrained into the cache folder
             on first use, for a richer local run.
 - ``gpt2``  the real thing on one GPU: ``gpt2`` (124M) and IMDB review prefixes from the hub.
+- ``gpt2-medium`` (355M) and ``gpt2-large`` (774M): the same, from the bigger hub checkpoints, with LoRA
+            adapters by default (``lora_rank`` 8, ``rlhf_core.lora``): where a learner who outgrows
+            gpt2 goes next.
 - ``auto``  ``gpt2`` where CUDA is present, else ``tiny``.
+
+A profile's ``lora_rank`` (0: full fine-tuning) is the default of every policy trainer's config
+(SFT, PPO, DPO, the critic-free loop): ``profile.with_overrides(lora_rank=8)`` (``run --lora``) trains
+LoRA adapters everywhere, and since the configs hold the rank, full and LoRA results never share a
+cached stage.
 
 The profile is chosen by argument, else by the ``RLHF_PROFILE`` environment variable, else ``auto``.
 
-Two optional stand-ins let the gpt2 profile run without the hub (CI runs it so, on a CPU):
+Two optional stand-ins let the gpt2 profiles run without the hub (CI runs them so, on a CPU):
 
-- ``RLHF_GPT2_MODEL``: a local folder holding a gpt2-config model and its tokenizer (written by
-  ``save_pretrained``); the profile then starts from it, and takes its shape (layers, width,
-  context, vocabulary) from its ``config.json``.
+- ``RLHF_GPT2_MODEL`` (``RLHF_GPT2_MEDIUM_MODEL``, ``RLHF_GPT2_LARGE_MODEL`` for the bigger ones): a
+  local folder holding a gpt2-config model and its tokenizer (written by ``save_pretrained``); the
+  profile then starts from it, and takes its shape (layers, width, context, vocabulary) from its
+  ``config.json``.
 - ``RLHF_IMDB``: a local folder that ``datasets.load_from_disk`` reads as a ``DatasetDict`` with
   ``train`` and ``test`` splits and a ``text`` column, what ``load_dataset("stanfordnlp/imdb")``
   gives (read by ``rlhf_core.prompts``).
@@ -38,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import CourseError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -56,7 +66,7 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Profile:
-    name: str  # "tiny", "small" or "gpt2"
+    name: str  # "tiny", "small", "gpt2", "gpt2-medium" or "gpt2-large"
     base_model: str  # hub name or local folder of the pretrained causal LM the course starts from
     tokenizer: str  # hub name or local folder of its tokenizer
     prompt_source: str  # "world" (the offline review generator) or "imdb" (hub review prefixes)
@@ -73,6 +83,7 @@ class Profile:
     n_eval_prompts: int  # held-out prompts every stage is scored on (gold means are comparable)
     n_train_prompts: int | None = None  # training prompts used, the first n of the source (None: all of them)
     quick: bool = False  # shrunk to a smoke test (see the module docstring): every for_profile reads it
+    lora_rank: int = 0  # LoRA adapters of this rank on every trained policy (0: full fine-tuning; rlhf_core.lora)
 
     @property
     def offline(self) -> bool:
@@ -130,15 +141,39 @@ def _profiles() -> dict[str, Profile]:
         generation_batch_size=64,
         n_eval_prompts=256,
     )
-    return {"tiny": tiny, "small": small, "gpt2": gpt2}
+    # The bigger hub GPT-2s: the gpt2 profile's world and settings, their own shapes, LoRA by default
+    # (their full four-model loop would hold about 10 copies of the weights; see rlhf_core.memory).
+    medium = replace(gpt2, name="gpt2-medium", base_model="gpt2-medium", tokenizer="gpt2-medium", lora_rank=8)
+    medium = replace(medium, n_layer=24, n_head=16, n_embd=1024, generation_batch_size=32)
+    large = replace(gpt2, name="gpt2-large", base_model="gpt2-large", tokenizer="gpt2-large", lora_rank=8)
+    large = replace(large, n_layer=36, n_head=20, n_embd=1280, generation_batch_size=32)
+    return {"tiny": tiny, "small": small, "gpt2": gpt2, "gpt2-medium": medium, "gpt2-large": large}
 
 
-PROFILE_NAMES = ("tiny", "small", "gpt2", "auto")
+PROFILE_NAMES = ("tiny", "small", "gpt2", "gpt2-medium", "gpt2-large", "auto")
 GPT2_MODEL_VARIABLE = "RLHF_GPT2_MODEL"  # local stand-in for the hub's gpt2 (model and tokenizer folder)
+# each hub profile's local stand-in variable (a model and tokenizer folder written by save_pretrained)
+STAND_IN_VARIABLES = {
+    "gpt2": GPT2_MODEL_VARIABLE,
+    "gpt2-medium": "RLHF_GPT2_MEDIUM_MODEL",
+    "gpt2-large": "RLHF_GPT2_LARGE_MODEL",
+}
 IMDB_VARIABLE = "RLHF_IMDB"  # local stand-in for the hub's IMDB (a DatasetDict saved with save_to_disk)
 QUICK_VARIABLE = "RLHF_QUICK"  # "1": the quick profile
 QUICK_TRAIN_PROMPTS = 128  # a quick profile's training prompts (demonstrations; at most as many preference pairs)
 QUICK_EVAL_PROMPTS = 16  # a quick profile's held-out prompts
+
+
+# LoRA's learning rate over full fine-tuning's, the default of every LoRA config (``for_profile``): the
+# adapters are few and start at zero (B = 0), and a step must move them as far as a full step moves the
+# weights; LoRA recipes use about 10x (Hu et al. 2021: 2e-4 where full fine-tuning of GPT-2 used 2e-5).
+LORA_LEARNING_RATE_SCALE = 10.0
+
+
+def lora_rank_of(profile: Profile, overrides: dict) -> int:
+    """The LoRA rank a config built by ``for_profile(profile, **overrides)`` gets: the override's, else
+    the profile's (0: full fine-tuning). Its learning-rate defaults follow it."""
+    return int(overrides.get("lora_rank", profile.lora_rank) or 0)
 
 
 class UnknownProfileError(CourseError, ValueError):
@@ -159,26 +194,27 @@ def get_profile(name: str | None = None, quick: bool | None = None) -> Profile:
     """The profile by name (see module docstring); paths are read from the environment each call.
     ``quick``: the shrunk variant (None: ``RLHF_QUICK``)."""
     profile = _profiles()[resolve_profile_name(name)]
-    if profile.name == "gpt2" and os.environ.get(GPT2_MODEL_VARIABLE):
-        profile = gpt2_stand_in(profile, os.environ[GPT2_MODEL_VARIABLE])
+    variable = STAND_IN_VARIABLES.get(profile.name)
+    if variable and os.environ.get(variable):
+        profile = gpt2_stand_in(profile, os.environ[variable], variable)
     if quick is None:
         quick = os.environ.get(QUICK_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
     return quick_variant(profile) if quick else profile
 
 
-def gpt2_stand_in(profile: Profile, folder: str | Path) -> Profile:
-    """The gpt2 profile on a local model and tokenizer folder (``RLHF_GPT2_MODEL``), shaped as its
-    ``config.json`` says."""
+def gpt2_stand_in(profile: Profile, folder: str | Path, variable: str = GPT2_MODEL_VARIABLE) -> Profile:
+    """A gpt2 profile on a local model and tokenizer folder (``RLHF_GPT2_MODEL``, or ``variable`` for
+    the bigger ones), shaped as its ``config.json`` says."""
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise CourseError(
-            f"{GPT2_MODEL_VARIABLE}={folder}: no config.json there; point it at a folder written by "
+            f"{variable}={folder}: no config.json there; point it at a folder written by "
             f"save_pretrained (a gpt2-config model and its tokenizer), or unset it to use the hub"
         )
     config = json.loads(config_file.read_text())
     if config.get("model_type") != "gpt2":
         raise CourseError(
-            f"{GPT2_MODEL_VARIABLE}={folder}: its config.json describes a "
+            f"{variable}={folder}: its config.json describes a "
             f"{config.get('model_type')!r} model, not gpt2; point it at a gpt2-config model"
         )
     return replace(
@@ -230,10 +266,13 @@ def check_bounds(config, at_least_one=(), not_negative=(), positive=()) -> None:
 
 
 def select_device(preferred: str | None = None) -> torch.device:
-    """CUDA, then Apple's MPS, then CPU; ``RLHF_DEVICE`` or the argument overrides."""
+    """CUDA, then Apple's MPS, then CPU; ``RLHF_DEVICE`` or the argument overrides. Under ``accelerate
+    launch``: the process's own device (its GPU, or the CPU with ``--cpu``; ``rlhf_core.distributed``)."""
     preferred = preferred or os.environ.get("RLHF_DEVICE")
     if preferred:
         return torch.device(preferred)
+    if distributed.device() is not None:
+        return distributed.device()
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

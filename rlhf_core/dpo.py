@@ -58,6 +58,7 @@ log-probs, and so the loss, are float32. A pair longer than the model's context 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -66,7 +67,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import Profile, get_profile, seed_everything, with_overrides
+from . import distributed
+from .config import LORA_LEARNING_RATE_SCALE, Profile, get_profile, lora_rank_of, seed_everything, with_overrides
 from .dpo_data import (  # noqa: F401 (part of rlhf_core.dpo's API: the chapters call them from here)
     _ended,
     encode_preference_batch,
@@ -137,6 +139,7 @@ class DPOConfig:
     checkpoint_every: int = 50  # steps between resumable checkpoints (0: never)
     heldout_fraction: float = 0.1  # share of prompts whose pairs are kept out (load_or_train_dpo)
     max_heldout_pairs: int | None = None  # evaluate on at most this many of them (load_or_train_dpo; None: all)
+    lora_rank: int = 0  # LoRA adapters of this rank on the policy, pi_ref its adapters off (0: full; rlhf_core.lora)
     seed: int = 0  # batch order (a pure function of the seed and the step, so resuming needs no RNG)
 
     @classmethod
@@ -144,7 +147,7 @@ class DPOConfig:
         """The defaults the course uses (and caches) for a profile, with ``overrides`` applied."""
         profile = profile if isinstance(profile, Profile) else get_profile(profile)
         config = cls(max_response_tokens=profile.max_new_tokens)
-        if profile.name == "gpt2":
+        if not profile.offline:  # the hub GPT-2s
             # 124M parameters move much faster per step than the tiny model: the DPO paper's
             # learning rate range (1e-6 with batch 64) scaled up slightly for a 2-epoch run.
             config = replace(config, learning_rate=5e-6, batch_size=32, warmup_steps=20, eval_batch_size=32)
@@ -152,6 +155,9 @@ class DPOConfig:
             config = replace(
                 config, steps=12, batch_size=8, warmup_steps=2, eval_every=6, eval_batch_size=16, max_heldout_pairs=16
             )
+        lora_rank = lora_rank_of(profile, overrides)
+        if lora_rank:  # LoRA: a larger step (config.LORA_LEARNING_RATE_SCALE)
+            config = replace(config, lora_rank=lora_rank, learning_rate=LORA_LEARNING_RATE_SCALE * config.learning_rate)
         return with_overrides(config, overrides)
 
     def total_steps(self, n_train: int) -> int:
@@ -162,15 +168,21 @@ class DPOConfig:
         return self.epochs * steps_per_epoch(n_train, self.batch_size)
 
 
-def _summary(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
-    """The numbers logged for a batch of pairs (means over the pairs)."""
-    return {
-        "loss": float(losses.detach().mean()),
-        "reward_margin": float((chosen_rewards - rejected_rewards).mean()),
-        "accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
-        "chosen_reward": float(chosen_rewards.mean()),
-        "rejected_reward": float(rejected_rewards.mean()),
+def _summary(
+    losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, global_count: int | None = None
+) -> dict[str, float]:
+    """The numbers logged for a batch of pairs (means over the pairs). With ``global_count``, these
+    are one process's pairs of a global batch of that many (``distributed.global_means``)."""
+    columns = {
+        "loss": losses.detach(),
+        "reward_margin": chosen_rewards - rejected_rewards,
+        "accuracy": (chosen_rewards > rejected_rewards).float(),
+        "chosen_reward": chosen_rewards,
+        "rejected_reward": rejected_rewards,
     }
+    if global_count is None:
+        return {name: float(values.mean()) for name, values in columns.items()}
+    return distributed.global_means(columns, global_count)
 
 
 @torch.no_grad()
@@ -188,8 +200,9 @@ def evaluate_dpo(
     policy.eval()
     device = next(policy.parameters()).device
     precision = resolve_precision(precision, device)
-    losses, chosen_rewards, rejected_rewards = [], [], []
-    for start in range(0, len(records), config.eval_batch_size):
+
+    def evaluate_chunk(index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # one batch's pairs
+        start = index * config.eval_batch_size
         chunk = records[start : start + config.eval_batch_size]
         rows = slice(start, start + len(chunk))
         with autocast(device, precision):
@@ -202,10 +215,12 @@ def evaluate_dpo(
             config.beta,
             config.loss_type,
         )
-        losses.append(loss.cpu())
-        chosen_rewards.append(chosen.cpu())
-        rejected_rewards.append(rejected.cpu())
+        return loss.cpu(), chosen.cpu(), rejected.cpu()
+
+    # several processes (rlhf_core.distributed) evaluate a share of the batches each: the same numbers
+    chunks = distributed.map_chunks(math.ceil(len(records) / config.eval_batch_size), evaluate_chunk)
     policy.train(was_training)
+    losses, chosen_rewards, rejected_rewards = ([part[i] for part in chunks] for i in range(3))
     return _summary(torch.cat(losses), torch.cat(chosen_rewards), torch.cat(rejected_rewards))
 
 
@@ -248,12 +263,15 @@ def train_dpo(
     responses, (N,) each and aligned with the records, when the caller has them already (several
     runs on the same pairs with different betas). Missing, they are computed here: for the training
     rows the run visits (``used_rows``) and every held-out pair. ``precision``: fp32, bf16 or fp16
-    (None: ``RLHF_PRECISION``, else auto), see ``rlhf_core.precision``.
+    (None: ``RLHF_PRECISION``, else auto), see ``rlhf_core.precision``. Under ``accelerate launch``
+    each process takes its pairs of a step's batch and steps on its share of the batch's mean loss
+    (``rlhf_core.distributed``): the updates of one process with the whole batch, up to float rounding.
     """
     if config.loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {config.loss_type!r}: use one of {LOSS_TYPES}")
     if not train_records:
         raise ValueError("no training pairs")
+    distributed.require_rows(config.batch_size, "DPOConfig batch_size")
     policy_parameters = {p.data_ptr() for p in policy.parameters()}
     if policy is reference or any(p.data_ptr() in policy_parameters for p in reference.parameters()):
         raise ValueError(
@@ -293,7 +311,13 @@ def train_dpo(
         raise ValueError("reference log-probs must be aligned with the records, one per pair")
 
     def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
-        rows = batch_rows(step, len(train_records), config.batch_size, config.seed)
+        global_rows = batch_rows(step, len(train_records), config.batch_size, config.seed)
+        rows = distributed.shard(global_rows)  # this process's pairs: all of them in a single process
+        if not rows:  # several processes, a last batch smaller than their number
+            empty = torch.zeros(0)
+            stats = _summary(empty, empty, empty, len(global_rows))
+            del stats["loss"]
+            return distributed.empty_share(policy), stats
         policy_chosen, policy_rejected = pair_logps(
             policy, tokenizer, [train_records[i] for i in rows], config.max_response_tokens
         )  # (B,), (B,)
@@ -305,9 +329,10 @@ def train_dpo(
             config.beta,
             config.loss_type,
         )
-        stats = _summary(losses, chosen_rewards, rejected_rewards)
+        stats = _summary(losses, chosen_rewards, rejected_rewards, len(global_rows))
         del stats["loss"]  # the loop logs the loss it steps on
-        return losses.mean(), stats
+        # alone: losses.mean(); several processes: this one's share of the global mean (distributed)
+        return distributed.share_of_mean(losses, len(global_rows)), stats
 
     def evaluate() -> dict:
         numbers = evaluate_dpo(

@@ -3,15 +3,17 @@ responses, and pi_ref's log-probs computed once per pair (``rlhf_core.dpo`` hold
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
+from . import distributed
 from .batching import TokenBatch, encode_responses, pack, per_row_in_buckets
 from .logprobs import context_length, fit_to_context, sequence_logprobs
 from .loop import batch_rows
+from .models import model_device
 from .precision import autocast, resolve_precision
 
 if TYPE_CHECKING:  # a type hint only: ``dpo`` imports this module
@@ -53,7 +55,7 @@ def pair_logps(
     of one (2B, T) pass up to float rounding, for about 60% of its compute on a CPU, and a pair's
     log-probs do not depend on the pairs beside it. Gradients flow when the caller allows them.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)  # pi_ref may be a LoRA policy's adapters off (no parameters of its own)
     batch = encode_preference_batch(tokenizer, records, max_response_tokens, padding_side)
     batch = fit_to_context(batch, context_length(model)).to(device)
     logps = per_row_in_buckets(
@@ -82,16 +84,20 @@ def precompute_reference_logps(
     on a GPU during the update)."""
     was_training = reference.training
     reference.eval()
-    device = next(reference.parameters()).device
+    device = model_device(reference)
     precision = resolve_precision(precision, device)
-    chosen, rejected = [], []
-    for start in tqdm(range(0, len(records), batch_size), desc="pi_ref log-probs", disable=not progress):
+
+    def chunk(index: int) -> tuple[torch.Tensor, torch.Tensor]:  # the index-th batch of pairs
+        start = index * batch_size
         with autocast(device, precision):
             chosen_logps, rejected_logps = pair_logps(
                 reference, tokenizer, records[start : start + batch_size], max_response_tokens
             )
-        chosen.append(chosen_logps.float().cpu())
-        rejected.append(rejected_logps.float().cpu())
+        return chosen_logps.float().cpu(), rejected_logps.float().cpu()
+
+    # several processes (rlhf_core.distributed) compute a share of the batches each: the same numbers
+    chunks = distributed.map_chunks(math.ceil(len(records) / batch_size), chunk, progress, "pi_ref log-probs")
+    chosen, rejected = [part[0] for part in chunks], [part[1] for part in chunks]
     reference.train(was_training)
     if not chosen:
         return torch.zeros(0), torch.zeros(0)

@@ -5,7 +5,11 @@ and the next token of every row is predicted at the same step), then samples one
 for all rows at once, reusing the attention keys and values of earlier steps (the KV cache).
 A row that produced EOS is finished: its later columns hold padding with attention 0 and
 response mask 0. The result is a ``Generation``, a ``TokenBatch`` with the masks the rest of the
-course needs (what was sampled is exactly what is scored and trained on).
+course needs (what was sampled is exactly what is scored and trained on), and the log-prob of
+each sampled token under the distribution it was drawn from. In float32 those equal a fresh forward
+pass over the finished batch to about 1e-6 (the KV cache changes only the order of the sums); the
+course's PPO still scores the finished batch afresh, so that at the first step the policy's and the
+reference's log-probs come from the same computation and the KL is exactly 0 (chapter 04).
 
 Sampling draws from softmax(logits / temperature) over the whole vocabulary (no top-k / top-p:
 PPO's log-probs must be those of the distribution we sampled from); temperature 0 means greedy.
@@ -37,6 +41,7 @@ class Generation(TokenBatch):
     ended: torch.Tensor | None = None  # (B,) True where the response ended with EOS (not cut by a length limit)
     prompts: list[str] | None = None  # the prompt texts
     responses: list[str] | None = None  # the decoded responses, EOS and padding removed
+    logprobs: torch.Tensor | None = None  # (B, T) float32 log-prob of each sampled token as sampled, 0 elsewhere
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -47,18 +52,25 @@ class Generation(TokenBatch):
 def _cache_argument(model) -> str:
     """The keyword the model's forward takes its KV cache by: ``cache`` in transformers 5.x,
     ``past_key_values`` before (Colab images may carry either)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA (peft) model's GPT-2
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _returned_cache(output):
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
-def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row, and its log-prob under the distribution it was drawn from
+    (greedy, temperature 0: under the plain softmax). (B, V) -> (B,), (B,) float32"""
+    logprobs = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # (B, V)
     if temperature == 0:
-        return logits.argmax(-1)  # (B,)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        token = logits.argmax(-1)  # (B,)
+    else:
+        token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
 def response_budget(prompt_lengths: torch.Tensor, max_new_tokens: int, context: int | None) -> torch.Tensor:
@@ -107,13 +119,14 @@ def generate(
     cache_argument = _cache_argument(model)
     writing = torch.ones(batch, dtype=torch.bool, device=device)  # rows that have not stopped yet
     ended = torch.zeros(batch, dtype=torch.bool, device=device)  # rows that stopped at their EOS
-    new_tokens, new_masks = [], []
+    new_tokens, new_masks, new_logprobs = [], [], []
     for step in range(max_new_tokens):
-        token = _sample(output["logits"][:, -1, :], temperature, generator)  # (B,)
+        token, logprob = _sample(output["logits"][:, -1, :], temperature, generator)  # (B,), (B,)
         token = torch.where(writing, token, torch.full_like(token, pad_id))
         real = writing.long()  # rows still writing: this column is real for them
         new_tokens.append(token)
         new_masks.append(real)
+        new_logprobs.append(logprob * real)
         ended = ended | (writing & (token == eos_id))
         writing = writing & (token != eos_id) & (step + 1 < budget)  # EOS, or the context is full
         if not bool(writing.any()):
@@ -134,6 +147,8 @@ def generate(
     input_ids = torch.cat([prompt_batch.input_ids, response_ids], dim=1)  # (B, P + R)
     full_attention = torch.cat([prompt_batch.attention_mask, response_real], dim=1)
     response_mask = torch.cat([torch.zeros_like(prompt_batch.attention_mask), response_real], dim=1)
+    prompt_zeros = torch.zeros(prompt_batch.input_ids.shape, dtype=torch.float32, device=device)
+    logprobs = torch.cat([prompt_zeros, torch.stack(new_logprobs, dim=1)], dim=1)  # (B, P + R)
     texts = []
     for row in range(batch):
         ids = response_ids[row][response_real[row].bool()].tolist()
@@ -148,6 +163,7 @@ def generate(
         ended=ended,
         prompts=list(prompts),
         responses=texts,
+        logprobs=logprobs,
     )
 
 

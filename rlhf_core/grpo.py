@@ -36,11 +36,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 
-from . import ppo
+from . import distributed, ppo
+from .batching import minibatch_rows, rows_and_columns, used_columns
 from .config import Profile, check_bounds, get_profile, with_overrides
 from .errors import CourseError
 from .generation import Generation
@@ -87,7 +89,9 @@ class CriticFreeConfig:
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ended
     sample_every: int = 5  # iterations between logged sample responses (0: none)
     checkpoint_every: int = 10  # iterations between resumable checkpoints (0: only at the end)
+    length_sorted_minibatches: bool = True  # minibatches of similar response length, cut to their used columns
     seed: int = 0  # prompt draws, sampling and minibatch shuffles
+    lora_rank: int = 0  # LoRA adapters of this rank on the policy, pi_ref its adapters off (0: full; rlhf_core.lora)
 
     def __post_init__(self):
         choices = {"method": ADVANTAGE_METHODS, "kl_in": KL_PLACEMENTS, "loss_aggregation": LOSS_AGGREGATIONS}
@@ -122,7 +126,7 @@ class CriticFreeConfig:
         profile = profile if isinstance(profile, Profile) else get_profile(profile)
         if method not in METHOD_DEFAULTS:
             raise CourseError(f"CriticFreeConfig method={method!r} is unknown: use one of {', '.join(METHOD_DEFAULTS)}")
-        ppo_defaults = PPOConfig.for_profile(profile)
+        ppo_defaults = PPOConfig.for_profile(profile, **{k: v for k, v in overrides.items() if k == "lora_rank"})
         shared = (
             "iterations",
             "minibatch_size",
@@ -135,7 +139,9 @@ class CriticFreeConfig:
             "missing_eos_penalty",
             "sample_every",
             "checkpoint_every",
+            "length_sorted_minibatches",
             "seed",
+            "lora_rank",
         )
         defaults = {name: getattr(ppo_defaults, name) for name in shared}
         defaults.update(
@@ -302,23 +308,27 @@ def update_epochs(
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """Step 5: ``ppo_epochs`` passes over the rollout in shuffled minibatches, each a gradient step on
-    ``critic_free_loss``; returns the statistics averaged over the steps (none with 0 epochs)."""
-    size = len(data.batch)
+    """Step 5: ``ppo_epochs`` passes over the rollout in minibatches (``batching.minibatch_rows``), each a
+    gradient step on ``critic_free_loss``; returns the statistics averaged over the steps (none with 0 epochs)."""
     sums: dict[str, float] = {}
     steps = 0
     policy.train()  # dropout is off: train() only matters to modules that check it
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(size, generator=generator)
-        for start in range(0, size, config.minibatch_size):
-            rows = order[start : start + config.minibatch_size]
-            input_ids, attention_mask = data.batch.input_ids[rows], data.batch.attention_mask[rows]
-            response_mask = data.batch.response_mask[rows]  # (b, T)
+        # as in PPO (rlhf.update_epochs): rows of similar response length, cut to the columns they use
+        for rows in minibatch_rows(
+            data.batch.response_mask.sum(-1), config.minibatch_size, generator, config.length_sorted_minibatches
+        ):
+            # (B, T) -> (b, t): this minibatch's rows, cut to the columns they use
+            cut = partial(rows_and_columns, rows=rows, columns=used_columns(data.batch.attention_mask[rows]))
+
+            input_ids, attention_mask, response_mask = map(
+                cut, (data.batch.input_ids, data.batch.attention_mask, data.batch.response_mask)
+            )  # (b, t) each
             with autocast(input_ids.device, precision):
-                logits = forward_logits(policy, input_ids, attention_mask)  # (b, T, V)
-            logprobs = token_logprobs_from_logits(logits, input_ids, config.temperature) * response_mask  # (b, T)
+                logits = forward_logits(policy, input_ids, attention_mask)  # (b, t, V)
+            logprobs = token_logprobs_from_logits(logits, input_ids, config.temperature) * response_mask  # (b, t)
             loss, stats = critic_free_loss(
-                logprobs, data.logprobs[rows], data.ref_logprobs[rows], data.advantages[rows], response_mask, config
+                logprobs, cut(data.logprobs), cut(data.ref_logprobs), cut(data.advantages), response_mask, config
             )
             check_finite(loss, "critic-free loss", iteration, "iteration")
             backward_and_step(loss, optimizer, scaler, list(policy.parameters()), config.max_grad_norm)
@@ -346,7 +356,9 @@ def critic_free_iteration(
     """One critic-free iteration on P prompts: the five steps of the module docstring.
 
     Trains the policy in place and advances ``state``; returns the iteration's record (its keys are
-    explained in ``CriticFreeTrainer``) and the rollout it used."""
+    explained in ``CriticFreeTrainer``) and the rollout it used. Under ``accelerate launch`` each process
+    runs it on its own P / (processes) prompts, their groups whole (``CriticFreeTrainer``); the update
+    averages the gradients and the record is averaged over the processes (``rlhf_core.distributed``)."""
     iteration = state.iteration + 1
     started = time.perf_counter()
 
@@ -395,6 +407,7 @@ def critic_free_iteration(
         "seconds_score": scored - generated,
         "seconds_train": trained - scored,
     }
+    record = distributed.mean_record(record)  # several processes: the same averages on each (alone: as is)
     check_finite(record["kl"], "KL to the reference", iteration, "iteration")
     state.iteration = iteration
     return record, data

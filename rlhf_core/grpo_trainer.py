@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import CourseError
 from .gold import gold_scores
 from .grpo import CriticFreeConfig, CriticFreeModels, CriticFreeState, critic_free_iteration
@@ -61,18 +62,25 @@ class CriticFreeTrainer:
             disable_dropout(model)
         for frozen in (self.reference, self.reward_model):
             frozen.eval().requires_grad_(False)
-        optimizer = torch.optim.AdamW(
-            list(self.policy.parameters()), lr=self.config.learning_rate, eps=1e-5, weight_decay=0.0
-        )
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]  # a LoRA policy: its adapters
+        optimizer = torch.optim.AdamW(trainable, lr=self.config.learning_rate, eps=1e-5, weight_decay=0.0)
         device = next(self.policy.parameters()).device  # token sampling draws on the policy's device
         self.precision = resolve_precision(self.precision, device)
         self.state = CriticFreeState(
             optimizer,
-            shuffle_generator=torch.Generator().manual_seed(self.config.seed),
-            sampling_generator=torch.Generator(device=device).manual_seed(self.config.seed + 1),
+            # several processes (rlhf_core.distributed): each its own prompts and samples; process 0 the usual ones
+            shuffle_generator=torch.Generator().manual_seed(distributed.process_seed(self.config.seed)),
+            sampling_generator=torch.Generator(device=device).manual_seed(
+                distributed.process_seed(self.config.seed + 1)
+            ),
             precision=self.precision,
             scaler=grad_scaler(device, self.precision),
         )
+        # Several processes: the prompts of an iteration and a minibatch's responses are split between them
+        # (rlhf_core.distributed), all starting from the main process's weights. Alone: the config itself.
+        self.process_config = distributed.split_config(self.config, ("prompts_per_iteration", "minibatch_size"))
+        self._generators = (self.state.shuffle_generator, self.state.sampling_generator)
+        distributed.broadcast_parameters(self.policy)
 
     @property
     def models(self) -> CriticFreeModels:
@@ -86,10 +94,10 @@ class CriticFreeTrainer:
     def step(self) -> dict[str, float]:
         """One iteration on P freshly drawn prompts; appends to ``history`` and returns the record."""
         rows = torch.randint(
-            len(self.prompts), (self.config.prompts_per_iteration,), generator=self.state.shuffle_generator
+            len(self.prompts), (self.process_config.prompts_per_iteration,), generator=self.state.shuffle_generator
         )
         record, data = critic_free_iteration(
-            self.models, [self.prompts[i] for i in rows.tolist()], self.config, self.state
+            self.models, [self.prompts[i] for i in rows.tolist()], self.process_config, self.state
         )
         self.history.append(record)
         every = self.config.sample_every
@@ -129,7 +137,9 @@ class CriticFreeTrainer:
         if folder is not None and resume and (folder / "training_state.pt").exists():
             self.load(folder)
         every = self.config.checkpoint_every
-        bar = tqdm(total=total, initial=self.iteration, desc=self.config.method, disable=not progress)
+        bar = tqdm(
+            total=total, initial=self.iteration, desc=self.config.method, disable=not distributed.shows(progress)
+        )
         with InterruptGuard() as interrupt:
             try:
                 while self.iteration < total:
@@ -159,7 +169,7 @@ class CriticFreeTrainer:
 
     def _stop_after_interrupt(self, folder: Path | None, inside_iteration: bool) -> str:
         """Save what can be saved after Ctrl-C; the one line that says where the next run resumes."""
-        if inside_iteration:  # half an update: the weights belong to no iteration, nothing to save
+        if inside_iteration or distributed.is_distributed():  # half an update, or processes at other points
             where = f"the last checkpoint in {folder}" if folder is not None else "scratch (no checkpoint_dir)"
             return (
                 f"interrupted inside iteration {self.iteration + 1}, nothing saved: the next run resumes from {where}"
@@ -176,6 +186,7 @@ class CriticFreeTrainer:
         write of everything ``load`` needs to continue exactly."""
         extra = {
             "sampling_rng": self.state.sampling_generator.get_state(),
+            "process_rng": distributed.process_rng_states(self._generators),  # several processes: each one's
             "samples": json.dumps(self.samples),
             "config": json.dumps(asdict(self.config)),
         }
@@ -194,6 +205,7 @@ class CriticFreeTrainer:
                 "differ): resume with the same config, or pass resume=False to start over"
             )
         self.state.sampling_generator.set_state(extra["sampling_rng"])
+        distributed.restore_process_rng(extra.get("process_rng"), self._generators, self.config.seed)
         self.state.iteration = restored["step"]
         self.history = restored["history"]
         self.samples = json.loads(extra["samples"])

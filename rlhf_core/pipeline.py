@@ -24,7 +24,8 @@ other configurations' checkpoints (a chapter's PPO run with another beta) or pre
 ``precision`` (``rlhf_core.precision``) holds for every stage of the run; ``metrics.json`` records the word it resolved
 to. Only a precision other than the device's auto reaches the stages' cache keys (``rlhf_core.cache``): a run on auto
 (or on what auto resolves to) reuses what the notebooks built, and they what it built. A quick profile
-(``config.quick_variant``) keeps its measurements apart.
+(``config.quick_variant``) keeps its measurements apart. Under ``accelerate launch`` every process runs every stage
+(the trainers data-parallel, ``rlhf_core.distributed``); the main process alone prints and writes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 from datasets.utils.logging import disable_progress_bar as no_dataset_bars
 from transformers.utils.logging import disable_progress_bar as no_loading_bars
 
-from . import report
+from . import distributed, report
 from .config import Profile, cache_dir, get_profile, seed_everything, select_device, with_overrides
 from .pipeline_run import PipelineRun, stage_file
 from .pipeline_stages import STAGE_FUNCTIONS
@@ -72,7 +73,7 @@ class PipelineConfig:
     def for_profile(cls, profile: Profile | str | None = None, **overrides) -> PipelineConfig:
         """The tiny and small profiles run on a CPU in minutes; on a GPU, best-of-16 with a measured KL."""
         profile = profile if isinstance(profile, Profile) else get_profile(profile)
-        gpu = {"best_of_n": 16, "measured_kl_prompts": 32, "measured_kl_samples": 256} if profile.name == "gpt2" else {}
+        gpu = {"best_of_n": 16, "measured_kl_prompts": 32, "measured_kl_samples": 256} if not profile.offline else {}
         quick = {"best_of_n": 4, "measured_kl_prompts": 4 if gpu else 0, "measured_kl_samples": 16}  # a smoke test
         return with_overrides(cls(**(quick if profile.quick else gpu)), overrides)
 
@@ -133,13 +134,15 @@ def run_pipeline(
     config = config or PipelineConfig.for_profile(profile)
     device = device if device is not None else select_device()
     resolved = resolve_precision(precision, device)  # checked before any stage runs
-    echo = echo or (lambda line: None)
+    # several processes (``rlhf_core.distributed``): each runs every stage, the main one alone prints and writes
+    echo = echo if echo is not None and distributed.is_main_process() else (lambda line: None)
+    progress = distributed.shows(progress)
     stop = STAGES.index(until) + 1 if until else len(STAGES)
     no_dataset_bars()  # loading a tiny checkpoint or a JSON file is instant: no bars for it among the stages'
     no_loading_bars()
     rebuild = stages_from(fresh) if fresh is not None else []
     if rebuild:
-        deleted = clear_measurements(profile, rebuild)
+        deleted = distributed.on_main(lambda: clear_measurements(profile, rebuild))
         echo(
             f"--fresh: rebuilding {', '.join(rebuild)} (profile {profile.name}; "
             f"{len(deleted)} stored measurement(s) deleted)"
@@ -168,14 +171,18 @@ def run_pipeline(
     settings = {
         "profile": profile.name,
         "quick": profile.quick,
+        "lora_rank": profile.lora_rank,
         "device": str(device),
+        "processes": distributed.num_processes(),  # under accelerate launch: the data-parallel processes
         "precision": resolved,
         "config": asdict(config),
         "eval_prompts": len(run.eval_prompts),
         "max_new_tokens": profile.max_new_tokens,
     }
     metrics = report.collect_metrics(settings, run.results, seconds, cached)
-    report.write_outputs(metrics, run.results, out)
+    if distributed.is_main_process():
+        report.write_outputs(metrics, run.results, out)
+    distributed.wait_for_everyone()
     echo("")
     echo(report.results_table(metrics))
     echo(

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import report, stages
+from . import distributed, report, stages
 from .cache import cached_json, file_digest, stable_hash
 from .config import Profile, cache_dir
 from .evaluation import gold_summary, measure_policy
@@ -24,8 +24,11 @@ FORMAT = 2  # version of the stage files; bump it when what a stage measures cha
 
 
 def stage_file(profile: Profile, stage: str) -> Path:
-    """Where a stage's measurement is cached (a quick profile's apart: the two never replace each other)."""
-    return cache_dir() / profile.name / ("pipeline-quick" if profile.quick else "pipeline") / f"{stage}.json"
+    """Where a stage's measurement is cached (a quick profile's, and a LoRA run's, apart: they never replace
+    each other)."""
+    kind = "pipeline-quick" if profile.quick else "pipeline"
+    kind += f"-lora{profile.lora_rank}" if profile.lora_rank else ""
+    return cache_dir() / profile.name / kind / f"{stage}.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,16 +100,19 @@ class PipelineRun:
         _, reference, tokenizer = self.sft() if with_reference else (None, None, None)
         tokenizer = tokenizer or load_tokenizer(self.profile.tokenizer)
         reward_model = self.reward_model()[0] if with_reward else None
-        result = measure_policy(
-            policy,
-            reference,
-            reward_model,
-            tokenizer,
-            self.repeated_prompts(samples_per_prompt),
-            self.profile.max_new_tokens,
-            seed=self.config.seed,
-            batch_size=self.profile.generation_batch_size,
-            progress=self.progress,
+        # several processes: the main one samples (one seeded stream: the numbers of one process), all get them
+        result = distributed.on_main(
+            lambda: measure_policy(
+                policy,
+                reference,
+                reward_model,
+                tokenizer,
+                self.repeated_prompts(samples_per_prompt),
+                self.profile.max_new_tokens,
+                seed=self.config.seed,
+                batch_size=self.profile.generation_batch_size,
+                progress=self.progress,
+            )
         )
         metrics = {
             **gold_summary(result.golds, result.responses, result.ended, len(self.eval_prompts)),

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import best_of_n, stages
+from . import best_of_n, distributed, stages
 from .demonstrations import EVAL_DEMONSTRATION_SEED, DemonstratorConfig, mean_gold, write_demonstrations
 from .dpo import DPOConfig
 from .evaluation import gold_summary
@@ -276,17 +276,19 @@ def stage_best_of_n(run: PipelineRun) -> list[Path]:
             "oracle_gold": round(float(all_golds.max(axis=1).mean()), 4),
         }
         if run.config.measured_kl_prompts > 0:
-            measured = best_of_n.measure_kl(
-                policy,
-                tokenizer,
-                run.eval_prompts[: run.config.measured_kl_prompts],
-                n,
-                score_fn,
-                run.profile.max_new_tokens,
-                samples_per_prompt=run.config.measured_kl_samples,
-                seed=run.config.seed + 1,
-                batch_size=run.profile.generation_batch_size,
-                progress=run.progress,
+            measured = distributed.on_main(  # several processes: one seeded stream, sampled by the main one
+                lambda: best_of_n.measure_kl(
+                    policy,
+                    tokenizer,
+                    run.eval_prompts[: run.config.measured_kl_prompts],
+                    n,
+                    score_fn,
+                    run.profile.max_new_tokens,
+                    samples_per_prompt=run.config.measured_kl_samples,
+                    seed=run.config.seed + 1,
+                    batch_size=run.profile.generation_batch_size,
+                    progress=run.progress,
+                )
             )
             metrics.update(kl_measured=round(measured["kl"], 4), tied_fraction=round(measured["tied_fraction"], 4))
         chosen = {"responses": best.responses, "ended": best.ended, "golds": [round(float(g), 4) for g in golds]}

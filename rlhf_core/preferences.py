@@ -69,7 +69,7 @@ class PreferenceConfig:
     def for_profile(cls, profile: Profile | str | None = None, **overrides) -> PreferenceConfig:
         profile = profile if isinstance(profile, Profile) else get_profile(profile)
         config = cls(max_new_tokens=profile.max_new_tokens, generation_batch_size=profile.generation_batch_size)
-        if profile.name == "gpt2":
+        if not profile.offline:  # the hub GPT-2s
             config.n_prompts = 4000  # a GPU samples 124M-parameter responses quickly
         return with_overrides(config, overrides)
 

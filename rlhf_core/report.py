@@ -227,10 +227,15 @@ def write_outputs(metrics: dict, results: dict[str, dict], out: Path) -> list[Pa
     return written + [out / "report.md"]
 
 
+def _lora_note(metrics: dict) -> str:
+    rank = metrics.get("lora_rank")
+    return f", LoRA rank {rank} (SFT, PPO, DPO, GRPO and RLOO train adapters; pi_ref is SFT)" if rank else ""
+
+
 def report(metrics: dict, results: dict[str, dict], figures: Sequence[str]) -> str:
     """report.md: the table, the claims checked, the figures and a few held-out responses per stage."""
     lines = [
-        f"# RLHF pipeline: {metrics['profile']} profile",
+        f"# RLHF pipeline: {metrics['profile']} profile{_lora_note(metrics)}",
         "",
         f"Device {metrics['device']}; every policy answers the same {metrics['eval_prompts']} held-out "
         f"prompts ({_samples_note(metrics)}; sampling seed {metrics['config']['seed']}, at most "

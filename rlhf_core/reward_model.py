@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2ForSequenceClassification
 
+from . import distributed
 from .batching import (
     TokenBatch,
     encode_responses,
@@ -83,7 +84,7 @@ class RewardModelConfig:
     def for_profile(cls, profile: Profile | str | None = None, **overrides) -> RewardModelConfig:
         """The defaults the course uses (and caches) for a profile, with ``overrides`` applied."""
         profile = profile if isinstance(profile, Profile) else get_profile(profile)
-        if profile.name == "gpt2":  # a 124M model: the papers' single epoch and a gentler rate
+        if not profile.offline:  # gpt2 (124M) and up: the papers' single epoch and a gentler rate
             config = cls(
                 epochs=1,
                 batch_size=16,
@@ -221,9 +222,9 @@ def score_texts(
     device = _device(reward_model)
     precision = resolve_precision(precision, device)
     ended = [True] * len(responses) if ended is None else list(ended)
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        stop = start + batch_size
+
+    def chunk(index: int) -> torch.Tensor:  # (batch_size,) scores of the index-th batch of texts
+        start, stop = index * batch_size, (index + 1) * batch_size
         batch = encode_for_scoring(
             tokenizer,
             prompts[start:stop],
@@ -232,11 +233,12 @@ def score_texts(
             max_length=reward_model.config.n_positions,
         ).to(_device(reward_model))
         with autocast(device, precision):  # rows of similar length together: no pass pays for the longest text
-            scores.append(
-                per_row_in_buckets(
-                    batch, lambda rows: score_batch(reward_model, rows.input_ids, rows.attention_mask, normalize)
-                ).cpu()
-            )
+            return per_row_in_buckets(
+                batch, lambda rows: score_batch(reward_model, rows.input_ids, rows.attention_mask, normalize)
+            ).cpu()
+
+    # several processes (rlhf_core.distributed) score a share of the batches each: the same numbers
+    scores = distributed.map_chunks(math.ceil(len(prompts) / batch_size), chunk)
     return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
 
 
@@ -342,9 +344,12 @@ def train_reward_model(
     early after saving one. Nothing else is written: the model is finished (``fit_normalization``)
     and saved by the caller, whose save replaces the folder holding the checkpoint.
     ``precision``: fp32, bf16 or fp16 (None: ``RLHF_PRECISION``, else auto), see ``rlhf_core.precision``.
+    Under ``accelerate launch`` each process scores its pairs of a step's batch and steps on its share of
+    the batch's mean loss (``rlhf_core.distributed``): the updates of one process with the whole batch.
     """
     if not train_records:
         raise ValueError("no training pairs")
+    distributed.require_rows(config.batch_size, "RewardModelConfig batch_size")
     seed_everything(config.seed)
     device = _device(reward_model)
     precision = resolve_precision(precision, device)
@@ -352,7 +357,11 @@ def train_reward_model(
     per_epoch = steps_per_epoch(len(train_records), config.batch_size)
 
     def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
-        pairs = [train_records[i] for i in batch_rows(step, len(train_records), config.batch_size, config.seed)]
+        rows = batch_rows(step, len(train_records), config.batch_size, config.seed)
+        pairs = [train_records[i] for i in distributed.shard(rows)]  # all of them in a single process
+        if not pairs:  # several processes, a last batch smaller than their number
+            stats = distributed.global_means({"accuracy": torch.zeros(0)}, len(rows))
+            return distributed.empty_share(reward_model), {**stats, "epoch": (step + 1) / per_epoch}
         batch = _pair_batch(tokenizer, pairs, max_length).to(device)
         scores = per_row_in_buckets(
             batch,
@@ -361,11 +370,10 @@ def train_reward_model(
             ),
         )
         chosen_scores, rejected_scores = scores[: len(pairs)], scores[len(pairs) :]  # (n,), (n,)
-        accuracy = (chosen_scores > rejected_scores).float().mean().item()
-        return bradley_terry_loss(chosen_scores, rejected_scores), {
-            "accuracy": accuracy,
-            "epoch": (step + 1) / per_epoch,
-        }
+        # alone: bradley_terry_loss and the batch's accuracy; several processes: their shares (distributed)
+        loss = distributed.share_of_mean(-F.logsigmoid(chosen_scores - rejected_scores), len(rows))
+        stats = distributed.global_means({"accuracy": (chosen_scores > rejected_scores).float()}, len(rows))
+        return loss, {**stats, "epoch": (step + 1) / per_epoch}
 
     def evaluate() -> dict:
         metrics = pairwise_accuracy(reward_model, tokenizer, heldout_records, config.score_batch_size, precision)

@@ -16,7 +16,8 @@ et al. (2022). Each step is a function of this module, defined in this order, ab
    the last token. The KL term is the trust region of the whole run, anchored at the SFT model.
 4. **Advantages** (``ppo.gae``). GAE (gamma = 1, lambda = 0.95) over the response tokens, whitened
    over the real tokens of the batch (the same functions the gymnasium agent of chapter 00 uses).
-5. **Update epochs** (``update_epochs``). A few epochs over shuffled minibatches: the clipped
+5. **Update epochs** (``update_epochs``). A few epochs over shuffled minibatches (rows of similar
+   length together, cut to the columns they use: less padding, the same per-token results): the clipped
    policy loss, the clipped value loss, gradient clipping. Then beta is adapted (Ziegler et al.)
    or kept fixed.
 
@@ -42,13 +43,21 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 
-from . import ppo
-from .batching import TokenBatch, last_token_index, position_ids_from_mask
-from .config import Profile, get_profile, with_overrides
+from . import distributed, ppo
+from .batching import (
+    TokenBatch,
+    last_token_index,
+    minibatch_rows,
+    position_ids_from_mask,
+    rows_and_columns,
+    used_columns,
+)
+from .config import LORA_LEARNING_RATE_SCALE, Profile, get_profile, lora_rank_of, with_overrides
 from .errors import CourseError
 from .generation import Generation, generate
 from .gold import gold_scores
@@ -56,6 +65,13 @@ from .logprobs import forward_logits, token_logprobs_from_logits
 from .precision import autocast, resolve_precision
 from .reward_model import normalization
 from .training import backward_and_step, check_finite
+
+# LoRA's learning rates over full fine-tuning's in PPO: a third of SFT's and DPO's 10x
+# (config.LORA_LEARNING_RATE_SCALE). PPO takes many clipped steps per rollout (ppo_epochs x minibatches):
+# on the tiny profile, at 10x its updates left the trust region (approx_kl about 0.1 and clipfrac 0.15-0.2
+# per iteration, against full fine-tuning's 0.02 and 0.05) and the gold ended below SFT's; at 10/3 they are
+# full fine-tuning's, and the gold went from +0.22 (the LoRA SFT model) to +0.59.
+LORA_PPO_SCALE = LORA_LEARNING_RATE_SCALE / 3
 
 # The adaptive controller's default horizon, in iterations: its samples are this many iterations'
 # responses, so beta moves by at most a factor 1 +- 0.2 / 10 per iteration (K_beta = 0.1 in Ziegler
@@ -87,6 +103,8 @@ class PPOConfig:
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ended
     whiten_advantages: bool = True  # normalise advantages over the batch's real tokens
     shared_value_trunk: bool = False  # value head on the policy's own transformer instead of a copy of the RM
+    lora_rank: int = 0  # LoRA adapters of this rank on the policy, pi_ref its adapters off (0: full; rlhf_core.lora)
+    length_sorted_minibatches: bool = True  # minibatches of similar response length, cut to their used columns
     sample_every: int = 5  # iterations between logged sample responses
     checkpoint_every: int = 10  # iterations between resumable checkpoints (0: only at the end)
     seed: int = 0  # prompt order, sampling and minibatch shuffles
@@ -109,8 +127,15 @@ class PPOConfig:
         learning rates of the literature (Ziegler et al. 2019; the TRL sentiment example)."""
         profile = profile if isinstance(profile, Profile) else get_profile(profile)
         defaults = {"max_new_tokens": profile.max_new_tokens}
-        if profile.name == "gpt2":
+        if not profile.offline:  # the hub GPT-2s
             defaults.update(iterations=100, policy_learning_rate=1.41e-5, value_learning_rate=3e-5, kl_coef=0.1)
+        lora_rank = lora_rank_of(profile, overrides)
+        if lora_rank:  # LoRA: a larger step; the value model gets adapters on the reward model's own weights
+            # (lora.value_and_reward_models: no third copy of the weights, rlhf_core.memory)
+            rates = {
+                name: defaults.get(name, getattr(cls, name)) for name in ("policy_learning_rate", "value_learning_rate")
+            }
+            defaults.update(lora_rank=lora_rank, **{name: LORA_PPO_SCALE * rate for name, rate in rates.items()})
         if profile.quick:  # a smoke test (config.quick_variant): a few small iterations
             defaults.update(
                 iterations=4,
@@ -160,15 +185,26 @@ class ValueModel(nn.Module):
         new head, so the first values are on the scale of the rewards they must predict. The copy
         is trainable even when the reward model is frozen (PPO freezes it; its copy must learn)."""
         copied = copy.deepcopy(reward_model).requires_grad_(True)
+        return cls(copied.transformer, cls.head_from_score(copied))
+
+    @classmethod
+    def on_reward_model_trunk(cls, reward_model) -> ValueModel:
+        """LoRA's choice (``lora.value_and_reward_models``): a head from the reward model's score on the
+        reward model's own transformer (shared parameters; the adapters the caller put there train)."""
+        return cls(reward_model.transformer, cls.head_from_score(reward_model))
+
+    @staticmethod
+    def head_from_score(reward_model) -> nn.Linear:
+        """A trainable Linear(d, 1) equal to the reward model's normalised score: gain * score + bias."""
         gain, bias = normalization(reward_model)
-        head = nn.Linear(copied.score.in_features, 1)
+        score = reward_model.score
+        head = nn.Linear(score.in_features, 1)
         with torch.no_grad():
-            head.weight.copy_(gain * copied.score.weight)
+            head.weight.copy_(gain * score.weight)
             head.bias.fill_(bias)
-            if copied.score.bias is not None:
-                head.bias.add_(gain * copied.score.bias)
-        head.to(copied.score.weight.device)
-        return cls(copied.transformer, head)
+            if score.bias is not None:
+                head.bias.add_(gain * score.bias)
+        return head.to(score.weight.device)
 
     @classmethod
     def on_policy_trunk(cls, policy) -> ValueModel:
@@ -256,7 +292,8 @@ def score(
     autocast (None: ``RLHF_PRECISION``, else auto); every reading is float32."""
     response_mask = batch.response_mask.float()  # (B, T)
     device = batch.input_ids.device
-    with autocast(device, resolve_precision(precision, device)):
+    precision = resolve_precision(precision, device)
+    with autocast(device, precision):
         _, logprobs = _logits_and_logprobs(models.policy, batch, config.temperature)  # (B, T)
         _, ref_logprobs = _logits_and_logprobs(models.reference, batch, config.temperature)  # (B, T)
         values = models.value_model(batch.input_ids, batch.attention_mask).float() * response_mask  # (B, T)
@@ -323,34 +360,35 @@ def update_epochs(
     precision: str | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """Step 5: ``ppo_epochs`` passes over the rollout in shuffled minibatches, each a gradient step
+    """Step 5: ``ppo_epochs`` passes over the rollout in minibatches (``batching.minibatch_rows``: in
+    random order, of rows of similar length unless ``length_sorted_minibatches`` is off), each a gradient step
     on the clipped policy loss plus the weighted clipped value loss; returns the statistics
     averaged over the steps. The forward passes run under ``precision``'s autocast (None:
     ``RLHF_PRECISION``, else auto), each step goes through ``training.backward_and_step`` (clipping
     ``clip_groups``; ``scaler``: fp16's loss scaling, None for a plain step)."""
     device = data.batch.input_ids.device
     precision = resolve_precision(precision, device)
-    size = len(data.batch)
     mask = data.batch.response_mask.float()
     sums: dict[str, float] = {}
     steps = 0
     policy.train()  # dropout is off: train() only matters to modules that check it
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(size, generator=generator)
-        for start in range(0, size, config.minibatch_size):
-            rows = order[start : start + config.minibatch_size]
-            mini = TokenBatch(
-                data.batch.input_ids[rows], data.batch.attention_mask[rows], data.batch.response_mask[rows]
-            )
-            mini_mask = mask[rows]
+        # Rows of similar response length share a minibatch, cut to the columns they use: the same
+        # per-token results (positions come from the attention mask), with far less padding to run.
+        for rows in minibatch_rows(mask.sum(-1), config.minibatch_size, generator, config.length_sorted_minibatches):
+            # (B, T) -> (b, t): this minibatch's rows, cut to the columns they use
+            cut = partial(rows_and_columns, rows=rows, columns=used_columns(data.batch.attention_mask[rows]))
+
+            mini = TokenBatch(cut(data.batch.input_ids), cut(data.batch.attention_mask), cut(data.batch.response_mask))
+            mini_mask = cut(mask)
             with autocast(device, precision):
-                logits, logprobs = _logits_and_logprobs(policy, mini, config.temperature)  # (b, T, V), (b, T)
-                values = value_model(mini.input_ids, mini.attention_mask).float()  # (b, T)
+                logits, logprobs = _logits_and_logprobs(policy, mini, config.temperature)  # (b, t, V), (b, t)
+                values = value_model(mini.input_ids, mini.attention_mask).float()  # (b, t)
             policy_loss, policy_stats = ppo.policy_loss(
-                logprobs, data.logprobs[rows], data.advantages[rows], mini_mask, config.clip_range
+                logprobs, cut(data.logprobs), cut(data.advantages), mini_mask, config.clip_range
             )
             value_loss, value_stats = ppo.value_loss(
-                values, data.values[rows], data.returns[rows], mini_mask, config.clip_range_value
+                values, cut(data.values), cut(data.returns), mini_mask, config.clip_range_value
             )
             check_finite(policy_loss, "policy loss", iteration, "iteration")
             check_finite(value_loss, "value loss", iteration, "iteration")
@@ -379,7 +417,9 @@ def ppo_iteration(
     """One PPO-RLHF iteration on a batch of prompts: the five steps of the module docstring.
 
     Trains the policy and the value model in place, adapts beta and advances ``state``; returns
-    the iteration's record (its keys are explained in ``PPOTrainer``) and the rollout it used."""
+    the iteration's record (its keys are explained in ``PPOTrainer``) and the rollout it used. Several
+    processes (``rlhf_core.distributed``): each runs it on its share of the prompts, and the record is
+    averaged over them before beta adapts to it: the same beta and history on every process."""
     iteration = state.iteration + 1
     kl_coef = state.kl_controller.value  # beta of this iteration's rewards
     started = time.perf_counter()
@@ -396,8 +436,8 @@ def ppo_iteration(
     rewards = per_token_rewards(scores.penalised_scores, kl, kl_coef, batch.attention_mask, response_mask)
     # 4. advantages (GAE) and returns
     advantages, returns = ppo.gae(rewards, scores.values, response_mask, config.gamma, config.lam)
-    if config.whiten_advantages:
-        advantages = ppo.masked_whiten(advantages, response_mask)
+    if config.whiten_advantages:  # over every process's tokens when there are several (distributed)
+        advantages = distributed.masked_whiten(advantages, response_mask)
     data = Rollout(**vars(scores), batch=batch, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
     scored = time.perf_counter()
 
@@ -433,7 +473,8 @@ def ppo_iteration(
         "seconds_score": scored - generated,
         "seconds_train": trained - scored,
     }
+    record = distributed.mean_record(record)  # several processes: the same averages on each (alone: as is)
     check_finite(record["kl"], "KL to the reference", iteration, "iteration")
-    state.kl_controller.update(record["kl"], len(prompts))
+    state.kl_controller.update(record["kl"], len(prompts) * distributed.num_processes())  # the global batch
     state.iteration = iteration
     return record, data

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import CourseError
 from .gold import gold_scores
 from .models import disable_dropout
@@ -74,8 +75,10 @@ class PPOTrainer:
                 "the value model has no trainable parameters of its own (a frozen copy?): build it "
                 "with ValueModel.from_reward_model or ValueModel.on_policy_trunk"
             )
+        # the policy's trainable parameters: all of them, or a LoRA policy's adapters (rlhf_core.lora)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
         groups = [
-            {"params": list(self.policy.parameters()), "lr": self.config.policy_learning_rate},
+            {"params": trainable, "lr": self.config.policy_learning_rate},
             {"params": value_only, "lr": self.config.value_learning_rate},
         ]
         optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
@@ -84,11 +87,19 @@ class PPOTrainer:
         self.state = PPOState(
             optimizer,
             kl_controller(self.config),
-            shuffle_generator=torch.Generator().manual_seed(self.config.seed),
-            sampling_generator=torch.Generator(device=device).manual_seed(self.config.seed + 1),
+            # several processes (rlhf_core.distributed): each its own prompts and samples; process 0 the usual ones
+            shuffle_generator=torch.Generator().manual_seed(distributed.process_seed(self.config.seed)),
+            sampling_generator=torch.Generator(device=device).manual_seed(
+                distributed.process_seed(self.config.seed + 1)
+            ),
             precision=self.precision,
             scaler=grad_scaler(device, self.precision),
         )
+        # Several processes: the prompts of an iteration and a minibatch's responses are split between them
+        # (rlhf_core.distributed), all starting from the main process's weights. Alone: the config itself.
+        self.process_config = distributed.split_config(self.config, ("prompts_per_iteration", "minibatch_size"))
+        self._generators = (self.state.shuffle_generator, self.state.sampling_generator)
+        distributed.broadcast_parameters(self.policy, self.value_model)
 
     @property
     def models(self) -> PPOModels:
@@ -104,9 +115,11 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """One iteration on freshly drawn prompts; appends to ``history`` and returns the record."""
         rows = torch.randint(
-            len(self.prompts), (self.config.prompts_per_iteration,), generator=self.state.shuffle_generator
+            len(self.prompts), (self.process_config.prompts_per_iteration,), generator=self.state.shuffle_generator
         )
-        record, data = ppo_iteration(self.models, [self.prompts[i] for i in rows.tolist()], self.config, self.state)
+        record, data = ppo_iteration(
+            self.models, [self.prompts[i] for i in rows.tolist()], self.process_config, self.state
+        )
         self.history.append(record)
         every = self.config.sample_every
         if every and (record["iteration"] - 1) % every == 0:
@@ -146,7 +159,7 @@ class PPOTrainer:
         if folder is not None and resume and (folder / "training_state.pt").exists():
             self.load(folder)
         every = self.config.checkpoint_every
-        bar = tqdm(total=total, initial=self.iteration, desc="PPO", disable=not progress)
+        bar = tqdm(total=total, initial=self.iteration, desc="PPO", disable=not distributed.shows(progress))
         done_this_call = 0
         with InterruptGuard() as interrupt:
             try:
@@ -180,7 +193,7 @@ class PPOTrainer:
 
     def _stop_after_interrupt(self, folder: Path | None, inside_iteration: bool) -> str:
         """Save what can be saved after Ctrl-C; the one line that says where the next run resumes."""
-        if inside_iteration:  # half an update: the weights belong to no iteration, nothing to save
+        if inside_iteration or distributed.is_distributed():  # half an update, or processes at other points
             where = f"the last checkpoint in {folder}" if folder is not None else "scratch (no checkpoint_dir)"
             return (
                 f"interrupted inside iteration {self.iteration + 1}, nothing saved: the next run resumes from {where}"
@@ -191,14 +204,26 @@ class PPOTrainer:
         return f"interrupted at iteration {self.iteration}, the next run resumes from {folder}"
 
     # ----- checkpoints -------------------------------------------------------------------
+    def _value_state(self) -> dict[str, torch.Tensor]:
+        """The value model's own trained tensors: all of a copy of the reward model, the head alone on
+        the policy's trunk (the trunk is the policy's, saved with it), the adapters and the head on the
+        reward model's trunk (its frozen weights are the reward model's, already on disk)."""
+        policy_ids = {id(p) for p in self.policy.parameters()}
+        return {
+            name: p.detach()
+            for name, p in self.value_model.named_parameters()
+            if p.requires_grad and id(p) not in policy_ids
+        }
+
     def save(self, folder: str | Path) -> Path:
         """The policy (a loadable ``save_pretrained`` folder), optimiser, random states and history
         through ``save_checkpoint``; the value model, KL controller, sampling generator and samples
         in its ``extra``: one atomic write of everything ``load`` needs to continue exactly."""
         extra = {
-            "value_model": self.value_model.state_dict(),
+            "value_model": self._value_state(),
             "kl_controller": json.dumps(self.state.kl_controller.state_dict()),
             "sampling_rng": self.state.sampling_generator.get_state(),
+            "process_rng": distributed.process_rng_states(self._generators),  # several processes: each one's
             "samples": json.dumps(self.samples),
             "config": json.dumps(asdict(self.config)),
             "scaler": self.state.scaler.state_dict(),
@@ -210,9 +235,12 @@ class PPOTrainer:
     def load(self, folder: str | Path) -> None:
         restored = load_checkpoint(folder, self.policy, self.state.optimizer, self.state.shuffle_generator)
         extra = restored["extra"]
-        self.value_model.load_state_dict(extra["value_model"])
+        _, unexpected = self.value_model.load_state_dict(extra["value_model"], strict=False)
+        if unexpected or not set(self._value_state()) <= set(extra["value_model"]):
+            raise CourseError(f"the checkpoint in {folder} holds another value model: resume with the same config")
         self.state.kl_controller.load_state_dict(json.loads(extra["kl_controller"]))
         self.state.sampling_generator.set_state(extra["sampling_rng"])
+        distributed.restore_process_rng(extra.get("process_rng"), self._generators, self.config.seed)
         if self.state.scaler.is_enabled() and extra.get("scaler"):
             self.state.scaler.load_state_dict(extra["scaler"])
         self.state.iteration = restored["step"]

@@ -25,7 +25,9 @@ Hugging Face's ``labels=`` loss). Training is the course's one loop (``rlhf_core
 AdamW, linear warmup then cosine decay, gradient clipping, the NaN guard and resumable
 checkpoints. An interrupted run resumed with ``resume=True`` ends with the same weights, bit for
 bit on CPU, because the batch of every step is a pure function of (seed, step) and all the rest
-is restored from the checkpoint.
+is restored from the checkpoint. Under ``accelerate launch`` each process takes its rows of the
+step's batch and steps on its share of the batch's token mean (``rlhf_core.distributed``): the same
+updates as one process with the whole batch, up to float rounding.
 
 What SFT can reach: a model that imitates the demonstrators perfectly writes like their *average*,
 so its gold is (at best) the demonstrators' mean gold, the imitation ceiling. ``frozen_reference``
@@ -45,6 +47,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -53,8 +56,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .batching import TokenBatch, encode_responses, pack
-from .config import Profile, get_profile, seed_everything, with_overrides
+from .config import LORA_LEARNING_RATE_SCALE, Profile, get_profile, lora_rank_of, seed_everything, with_overrides
 from .logprobs import context_length, forward_logits
 from .loop import batch_rows, save_final, steps_done, steps_per_epoch, train_loop
 from .models import disable_dropout
@@ -79,6 +83,7 @@ class SFTConfig:
     eval_every: int = 40  # steps between held-out losses (also measured before the first and after the last step)
     checkpoint_every: int = 100  # steps between resumable checkpoints when ``out_dir`` is given (0: never)
     seed: int = 0  # batch order (and every other random state)
+    lora_rank: int = 0  # LoRA adapters of this rank on the base model, merged when saved (0: full; rlhf_core.lora)
 
     @classmethod
     def for_profile(cls, profile: Profile | str | None = None, **overrides) -> SFTConfig:
@@ -98,6 +103,9 @@ class SFTConfig:
             )
         if profile.quick:  # a smoke test (config.quick_variant): a few steps, a small held-out set
             config = replace(config, steps=24, batch_size=8, warmup_steps=4, heldout_records=16, eval_every=8)
+        lora_rank = lora_rank_of(profile, overrides)
+        if lora_rank:  # LoRA: a larger step (config.LORA_LEARNING_RATE_SCALE)
+            config = replace(config, lora_rank=lora_rank, learning_rate=LORA_LEARNING_RATE_SCALE * config.learning_rate)
         return with_overrides(config, overrides)
 
     def total_steps(self, n_train: int) -> int:
@@ -153,8 +161,9 @@ def _pack_with_labels(prompt_ids, response_ids, pad_id: int, padding_side: str =
     return SFTBatch(batch.input_ids, batch.attention_mask, batch.response_mask, sft_labels(batch))
 
 
-def sft_loss(model, batch: SFTBatch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens (the response and its EOS)."""
+def sft_loss(model, batch: SFTBatch, reduction: str = "mean") -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens (the response and its EOS); their sum
+    with ``reduction="sum"`` (one process's share of a batch split over several, ``train_sft``)."""
     logits = forward_logits(model, batch.input_ids, batch.attention_mask)  # (B, T, V)
     shifted_logits = logits[:, :-1, :]  # position t predicts token t + 1
     shifted_labels = batch.labels[:, 1:]  # (B, T-1)
@@ -162,6 +171,7 @@ def sft_loss(model, batch: SFTBatch) -> torch.Tensor:
         shifted_logits.reshape(-1, shifted_logits.shape[-1]).float(),
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
 
 
@@ -198,15 +208,19 @@ def heldout_loss(
     model.eval()
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
-    total, count = 0.0, 0
-    for start in range(0, len(prompt_ids), batch_size):
+
+    def chunk(index: int) -> tuple[float, int]:  # (mean loss, tokens) of the index-th batch of demonstrations
+        start = index * batch_size
         batch = _pack_with_labels(
             prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], pad_id
         ).to(device)
-        tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
         with autocast(device, precision):
-            loss = sft_loss(model, batch)
-        total += loss.item() * tokens
+            return sft_loss(model, batch).item(), int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    total, count = 0.0, 0
+    # several processes (rlhf_core.distributed) share the batches; the sum runs in the same order
+    for loss, tokens in distributed.map_chunks(math.ceil(len(prompt_ids) / batch_size), chunk):
+        total += loss * tokens
         count += tokens
     model.train(was_training)
     return total / max(1, count)
@@ -257,6 +271,7 @@ def train_sft(
             f"{len(prompts)} demonstrations leave {n_train} for training after holding out "
             f"{n_heldout}: fewer than one batch of {config.batch_size}"
         )
+    distributed.require_rows(config.batch_size, "SFTConfig batch_size")
     total_steps = config.total_steps(n_train)
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
@@ -273,11 +288,16 @@ def train_sft(
     disable_dropout(model)
 
     def loss_on_step(step: int) -> tuple[torch.Tensor, dict]:
-        rows = batch_rows(step, n_train, config.batch_size, config.seed, drop_last=True)
+        rows = distributed.shard(batch_rows(step, n_train, config.batch_size, config.seed, drop_last=True))
         batch = _pack_with_labels([train_prompts[i] for i in rows], [train_responses[i] for i in rows], pad_id).to(
             device
         )
-        return sft_loss(model, batch), {"response_tokens": int(batch.response_mask.sum())}
+        if not distributed.is_distributed():
+            return sft_loss(model, batch), {"response_tokens": int(batch.response_mask.sum())}
+        # several processes: each its rows' token sum, over the global batch's tokens (rlhf_core.distributed)
+        counts = torch.stack([(batch.labels[:, 1:] != IGNORE_INDEX).sum(), batch.response_mask.sum()]).double()
+        labels, tokens = distributed.sum_across(counts).tolist()
+        return distributed.share_of_sum(sft_loss(model, batch, "sum"), labels), {"response_tokens": int(tokens)}
 
     def evaluate() -> dict:
         return {"heldout_loss": heldout_loss(model, heldout_prompts, heldout_responses, pad_id, precision=precision)}

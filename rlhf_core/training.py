@@ -5,7 +5,8 @@ PPO loop (``rlhf_core.rlhf``) uses them directly.
 
 A checkpoint folder holds:
 
-    model.safetensors        the trained weights (plus config.json, via ``save_pretrained``)
+    model.safetensors        the trained weights (plus config.json, via ``save_pretrained``); for a
+                             LoRA model, adapters.safetensors instead: the adapters alone (``rlhf_core.lora``)
     training_state.pt        optimizer state, step, random-number-generator states and history,
                              read back with ``torch.load(weights_only=True)`` (no pickled code)
 
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model
 
+from . import distributed
+from .lora import is_lora, load_adapters, save_adapters
 from .precision import grad_scaler
 
 
@@ -93,10 +96,15 @@ def backward_and_step(
     before clipping (the norm is the true gradients'), and skips the step when they overflowed,
     shrinking the scale: the norm returned is then inf or nan, and the caller must not stop for
     it. Disabled or None (fp32, bf16), this is exactly ``zero_grad``, ``backward``, clip, ``step``.
+
+    Under ``accelerate launch`` (``rlhf_core.distributed``) the gradients are averaged over the
+    processes right after ``backward``, before anything reads them: every process then unscales, clips
+    and steps on the same gradients (and skips the same fp16 overflows), so their weights stay equal.
     """
     scaler = scaler if scaler is not None else grad_scaler("cpu", "fp32")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    distributed.average_gradients(optimizer)  # a no-op in a single process
     scaler.unscale_(optimizer)  # a no-op when disabled; clipping must see unscaled gradients
     parameters = list(parameters)
     several = bool(parameters) and not isinstance(parameters[0], torch.Tensor)
@@ -147,12 +155,25 @@ def save_checkpoint(
     generator: torch.Generator | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a resumable checkpoint atomically (a half-written folder never replaces a good one)."""
+    """Write a resumable checkpoint atomically (a half-written folder never replaces a good one).
+
+    Several processes (``rlhf_core.distributed``): all of them call it, the main one writes, and none
+    returns before the folder is complete (the random states saved are the main process's)."""
     folder = Path(folder)
+    if distributed.is_main_process():
+        _write_checkpoint(folder, model, optimizer, step, history, generator, extra)
+    distributed.wait_for_everyone()
+    return folder
+
+
+def _write_checkpoint(folder: Path, model, optimizer, step: int, history, generator, extra) -> None:
     partial = folder.with_name(folder.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    model.save_pretrained(partial, safe_serialization=True)
+    if is_lora(model):  # the adapters only: the frozen base is the stage's input, already on disk
+        save_adapters(model, partial)
+    else:
+        model.save_pretrained(partial, safe_serialization=True)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -164,7 +185,6 @@ def save_checkpoint(
     if folder.exists():
         shutil.rmtree(folder)
     partial.rename(folder)
-    return folder
 
 
 def load_checkpoint(
@@ -173,6 +193,19 @@ def load_checkpoint(
     """Load weights, optimizer and random states saved by ``save_checkpoint`` into the given
     objects; returns ``{"step", "history", "extra"}``."""
     folder = Path(folder)
+    if is_lora(model):
+        load_adapters(model, folder)
+    else:
+        _load_weights(model, folder)
+    state = torch.load(folder / "training_state.pt", weights_only=True)
+    if optimizer is not None and state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    restore_rng_states(state["rng"], generator)
+    return {"step": state["step"], "history": json.loads(state["history"]), "extra": state["extra"]}
+
+
+def _load_weights(model, folder: Path) -> None:
+    """``model.safetensors`` into ``model``, every weight accounted for."""
     missing, unexpected = load_model(model, folder / "model.safetensors", strict=False)
     # save_pretrained stores tied weights once (GPT-2's LM head is its token embedding)
     parameters = dict(model.named_parameters(remove_duplicate=False))
@@ -182,11 +215,6 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {folder} does not match the model: missing {untied_missing}, unexpected {sorted(unexpected)}"
         )
-    state = torch.load(folder / "training_state.pt", weights_only=True)
-    if optimizer is not None and state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    restore_rng_states(state["rng"], generator)
-    return {"step": state["step"], "history": json.loads(state["history"]), "extra": state["extra"]}
 
 
 class InterruptGuard:
@@ -194,7 +222,9 @@ class InterruptGuard:
     handler only sets ``requested``, the training loop finishes its step or iteration, saves a
     checkpoint of whole steps only, says where the next run resumes and stops. A second Ctrl-C, or
     one while not busy, interrupts at once. Every trainer of the course (``loop.train_loop``, PPO,
-    the critic-free loop) uses it. Outside the main thread signals cannot be caught: nothing is held."""
+    the critic-free loop) uses it. Outside the main thread signals cannot be caught: nothing is held.
+    Nor under ``accelerate launch``: the processes would finish at different steps, and a checkpoint
+    needs all of them; they stop at once, and the next run resumes from the last periodic checkpoint."""
 
     def __init__(self):
         self.busy = False  # inside an iteration
@@ -202,6 +232,8 @@ class InterruptGuard:
         self.previous = None  # the SIGINT handler to restore; None: ours was never installed
 
     def __enter__(self) -> InterruptGuard:
+        if distributed.is_distributed():  # a held Ctrl-C would end the processes at different steps
+            return self
         try:
             previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread

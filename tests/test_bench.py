@@ -72,6 +72,7 @@ def test_bench_quick_writes_every_stage_with_a_fraction_of_the_peak(tmp_path):
         assert "trl_seconds" not in stage  # measured only with --against trl
     assert set(results["stages"]["ppo"]["phases"]) == {"generate", "score", "train"}
     assert results["stages"]["generation"]["tokens_per_second"] > 0
+    assert results["stages"]["generation"]["transformers_ms_per_decode_step"] > 0
     assert "| dpo, s per optimizer step |" in finished.stdout
 
 

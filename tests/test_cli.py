@@ -43,7 +43,7 @@ def bad_out_file(tmp_path):
 
 
 BAD_RUNS = {
-    "unknown profile": (["--profile", "huge"], ["--profile huge", "tiny, small, gpt2, auto"]),
+    "unknown profile": (["--profile", "huge"], ["--profile huge", "tiny, small, gpt2, gpt2-medium, gpt2-large, auto"]),
     "nonsense device": (["--device", "gpu"], ["--device gpu", "use cpu, cuda"]),
     "best-of-0": (["--best-of-n", "0"], ["--best-of-n 0", "at least 1"]),
     "negative best-of-n": (["--best-of-n", "-4"], ["--best-of-n -4", "at least 1"]),
@@ -190,6 +190,7 @@ def test_the_real_command_line(tmp_path):
     assert finished.returncode == 2
     assert finished.stdout == ""
     assert finished.stderr.strip().splitlines() == [
-        "--profile huge: no such profile; use one of tiny, small, gpt2, auto (or leave --profile out)"
+        "--profile huge: no such profile; use one of tiny, small, gpt2, gpt2-medium, gpt2-large, auto "
+        "(or leave --profile out)"
     ]
     assert not (tmp_path / "cache").exists()

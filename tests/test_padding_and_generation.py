@@ -1,11 +1,13 @@
 """Padding never changes a log-prob; generation stops at EOS and its masks say what was sampled."""
 
+import pytest
 import torch
 
 from rlhf_core import world
 from rlhf_core.batching import encode_pairs, last_token_index, pack, position_ids_from_mask
 from rlhf_core.generation import generate, sample_responses
 from rlhf_core.logprobs import forward_logits, response_logprobs, sequence_logprobs
+from rlhf_core.models import load_causal_lm
 
 TOLERANCE = 1e-5  # float32
 
@@ -79,6 +81,22 @@ def test_greedy_generation_matches_a_full_forward_pass(random_tiny_model, any_to
     for row in range(len(prompts)):
         for t in torch.nonzero(result.response_mask[row]).flatten().tolist():
             assert result.input_ids[row, t] == predicted[row, t - 1]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_match_a_fresh_forward_pass(tiny_profile, any_tokenizer, temperature):
+    """The log-probs the sampler drew with are those a fresh pass over the finished, ragged batch
+    gives at the same temperature, to 1e-5 in float32 (PPO takes them as log pi_theta_old)."""
+    model = load_causal_lm(tiny_profile.base_model)  # it writes EOS: responses of many lengths
+    prompts, _ = _pairs(8, seed=5)
+    result = generate(model, any_tokenizer, prompts, 40, temperature, torch.Generator().manual_seed(3), "fp32")
+    assert len(set(result.response_lengths.tolist())) > 1 and len(set(map(len, prompts))) > 1  # ragged
+    fresh = response_logprobs(
+        model, result.input_ids, result.attention_mask, result.response_mask, temperature=temperature
+    )
+    assert result.logprobs.dtype == torch.float32
+    assert torch.all(result.logprobs[result.response_mask == 0] == 0)
+    torch.testing.assert_close(result.logprobs, fresh, rtol=0, atol=1e-5)
 
 
 def test_sampling_is_seeded(random_tiny_model, tokenizer):

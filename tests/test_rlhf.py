@@ -390,6 +390,55 @@ def test_a_shared_value_trunk_is_clipped_once(four_models, tokenizer):
     assert value_model.head.weight.grad.abs().sum() > 0
 
 
+def padded_rollout(data: Rollout, left: int, right: int, pad_id: int) -> Rollout:
+    """The same rollout with ``left`` padding columns added before every row and ``right`` after."""
+
+    def pad(tensor: torch.Tensor, value=0) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (left, right), value=value)
+
+    batch = data.batch
+    padded_batch = Generation(
+        pad(batch.input_ids, pad_id),
+        pad(batch.attention_mask),
+        pad(batch.response_mask),
+        prompt_width=batch.prompt_width + left,
+        ended=batch.ended,
+        prompts=batch.prompts,
+        responses=batch.responses,
+    )
+    per_token = {name: pad(getattr(data, name)) for name in TENSOR_FIELDS if getattr(data, name).dim() == 2}
+    per_row = {name: getattr(data, name) for name in TENSOR_FIELDS if getattr(data, name).dim() == 1}
+    return Rollout(**per_token, **per_row, batch=padded_batch)
+
+
+@pytest.mark.parametrize("length_sorted", [True, False])
+def test_update_epochs_ignore_padding_columns(four_models, tokenizer, length_sorted):
+    """Extra padding columns around a rollout leave the update unchanged: minibatches are cut to the
+    columns they use (and positions come from the attention mask), whichever way rows are grouped."""
+    config = PPOConfig(
+        prompts_per_iteration=8,
+        minibatch_size=3,
+        ppo_epochs=2,
+        max_new_tokens=40,
+        length_sorted_minibatches=length_sorted,
+    )
+    trainer = _trainer(four_models, tokenizer, **vars(config))
+    _, data = ppo_iteration(trainer.models, world.sample_prompts(8, seed=3), config, trainer.state)
+    assert len(set(data.batch.response_lengths.tolist())) > 2  # ragged: rows need different columns
+    updated = []
+    for rollout in (data, padded_rollout(data, left=5, right=7, pad_id=tokenizer.pad_token_id)):
+        policy, value_model = copy.deepcopy(trainer.policy), copy.deepcopy(trainer.value_model)
+        optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=1e-3)
+        stats = update_epochs(policy, value_model, optimizer, rollout, config, torch.Generator().manual_seed(0), 2)
+        updated.append((policy, value_model, stats))
+    (policy_a, value_a, stats_a), (policy_b, value_b, stats_b) = updated
+    for a, b in zip([*policy_a.parameters(), *value_a.parameters()], [*policy_b.parameters(), *value_b.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert stats_a["policy_loss"] == pytest.approx(stats_b["policy_loss"], abs=1e-5)
+    moved = any(not torch.equal(a, b) for a, b in zip(policy_a.parameters(), trainer.policy.parameters()))
+    assert moved  # the update did something
+
+
 # ----- the trainer: resume, Ctrl-C, NaN ------------------------------------------------------------
 def assert_same_run(a: PPOTrainer, b: PPOTrainer) -> None:
     assert b.iteration == a.iteration

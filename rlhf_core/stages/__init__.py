@@ -29,6 +29,7 @@ from .inputs import (
     reward_model_path,
     sft_dir,
     sft_entry,
+    sft_policy_and_reference,
     sft_summary,
 )
 from .policies import (
@@ -77,5 +78,6 @@ __all__ = [
     "save_history",
     "sft_dir",
     "sft_entry",
+    "sft_policy_and_reference",
     "sft_summary",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import cache
+from .. import cache, distributed
 from ..config import Profile, get_profile, seed_everything, select_device
 from ..demonstrations import (
     DEMONSTRATION_SEED,
@@ -23,6 +23,7 @@ from ..demonstrations import (
 )
 from ..generation import sample_responses
 from ..gold import GoldConfig, gold_scores
+from ..lora import AdapterOffReference, add_lora
 from ..models import load_causal_lm, load_reward_model, looks_like_path, save_reward_model
 from ..preferences import (
     PreferenceConfig,
@@ -110,7 +111,8 @@ def ensure_demonstrations(profile: Profile | str | None = None, rebuild: bool = 
         cache.remove(entry)
     if not cache.is_finished(entry):
         records = write_demonstrations(prompts, DemonstratorConfig(), DEMONSTRATION_SEED)
-        save_demonstrations(entry.folder / DEMONSTRATIONS_FILE, records)
+        if distributed.is_main_process():  # several processes build it alike; one writes (cache.finish waits)
+            save_demonstrations(entry.folder / DEMONSTRATIONS_FILE, records)
         cache.finish(entry, [DEMONSTRATIONS_FILE])
     return entry
 
@@ -150,6 +152,8 @@ def ensure_sft(
         tokenizer = load_tokenizer(profile.tokenizer)
         records = load_or_write_demonstrations(profile)
         base = load_base_model(profile, _device(device))
+        if config.lora_rank:  # adapters on the frozen base, merged into it when saved (rlhf_core.lora)
+            base = add_lora(base, config.lora_rank)
         train_sft(
             base, tokenizer, records, config, out_dir=entry.folder, resume=True, progress=progress, callback=callback
         )
@@ -170,6 +174,20 @@ def load_or_train_sft(
     entry = ensure_sft(profile, device, progress, config, callback, rebuild)
     policy = load_causal_lm(entry.folder, device=_device(device))
     return policy, frozen_reference(policy), load_tokenizer(profile.tokenizer)
+
+
+def sft_policy_and_reference(
+    profile: Profile | str | None = None, lora_rank: int = 0, device=None, progress: bool = True
+):
+    """``(policy, reference, tokenizer)`` for a trainer that starts from the SFT model: with ``lora_rank``
+    0, the SFT model and its frozen copy pi_ref (``load_or_train_sft``); else the SFT model with LoRA
+    adapters of that rank, and pi_ref the same model with its adapters off (``lora.AdapterOffReference``:
+    no second copy of the weights)."""
+    if not lora_rank:
+        return load_or_train_sft(profile, device, progress)
+    profile = _profile(profile)
+    policy = add_lora(load_causal_lm(ensure_sft(profile, device, progress).folder, device=_device(device)), lora_rank)
+    return policy, AdapterOffReference(policy), load_tokenizer(profile.tokenizer)
 
 
 def sft_summary(profile: Profile | str | None = None, config: SFTConfig | None = None) -> dict:
@@ -196,10 +214,13 @@ def ensure_preferences(
     if not cache.is_finished(entry):
         policy = load_causal_lm(sft.folder, device=_device(device))
         prompts = load_prompts(profile, "train", config.n_prompts)
-        records = build_preferences(
-            policy, load_tokenizer(profile.tokenizer), prompts, config, seed=config.seed, progress=progress
+        records = distributed.on_main(  # several processes: the main one samples and writes, as one process would
+            lambda: build_preferences(
+                policy, load_tokenizer(profile.tokenizer), prompts, config, seed=config.seed, progress=progress
+            )
         )
-        save_preferences(entry.folder / PREFERENCES_FILE, records)
+        if distributed.is_main_process():
+            save_preferences(entry.folder / PREFERENCES_FILE, records)
         cache.finish(entry, [PREFERENCES_FILE])
     return entry
 
@@ -244,14 +265,16 @@ def finish_reward_model(
     entry = reward_model_entry(profile, config)
     # fresh samples of the SFT policy: the last train prompts, a seed unlike the preference data's
     prompts = load_prompts(profile, "train")[-config.n_normalization_prompts :]
-    responses, ended = sample_responses(
-        policy,
-        tokenizer,
-        prompts,
-        profile.max_new_tokens,
-        temperature=1.0,
-        batch_size=profile.generation_batch_size,
-        seed=config.seed + 1000,
+    responses, ended = distributed.on_main(  # several processes: one seeded stream, sampled by the main one
+        lambda: sample_responses(
+            policy,
+            tokenizer,
+            prompts,
+            profile.max_new_tokens,
+            temperature=1.0,
+            batch_size=profile.generation_batch_size,
+            seed=config.seed + 1000,
+        )
     )
     raw = fit_normalization(reward_model, tokenizer, prompts, responses, ended, config.score_batch_size)
     rewards = score_texts(reward_model, tokenizer, prompts, responses, config.score_batch_size, ended=ended)
@@ -275,7 +298,8 @@ def finish_reward_model(
         "config": asdict(config),
         "history": history,
     }
-    save_reward_model(reward_model, entry.folder, tokenizer, metrics)
+    if distributed.is_main_process():  # several processes: one writes, cache.finish waits for it
+        save_reward_model(reward_model, entry.folder, tokenizer, metrics)
     cache.finish(entry, ["model.safetensors", "config.json", "metrics.json"])
     return metrics
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .. import cache
+from .. import cache, distributed
 from ..config import Profile, cache_dir
 from ..dpo import DPOConfig, reference_logps_for_rows, train_dpo, used_rows
 from ..grpo import CriticFreeConfig
 from ..grpo_trainer import CriticFreeTrainer
+from ..lora import adapters_off_score, save_model, value_and_reward_models
 from ..models import load_causal_lm
 from ..preferences import split_preferences
 from ..prompts import load_prompts
@@ -32,7 +33,7 @@ from .inputs import (
     ensure_sft,
     load_or_build_preferences,
     load_or_train_reward_model,
-    load_or_train_sft,
+    sft_policy_and_reference,
 )
 
 
@@ -58,18 +59,29 @@ def build_ppo_trainer(
     profile: Profile | str | None = None, config: PPOConfig | None = None, device=None, progress: bool = True
 ) -> PPOTrainer:
     """The four models: policy and reference from SFT, the reward model, and a value model (from
-    the reward model, or a head on the policy's trunk). Prompts: the profile's training prompts."""
+    the reward model, or a head on the policy's trunk). Prompts: the profile's training prompts.
+
+    With ``config.lora_rank``: the policy is the SFT model with LoRA adapters and the reference the
+    same model with its adapters off (``sft_policy_and_reference``); the value model is adapters on the
+    reward model's own weights, the reward model that model with them off
+    (``lora.value_and_reward_models``), unless ``shared_value_trunk`` puts a head on the policy's trunk."""
     profile = _profile(profile)
     config = config or PPOConfig.for_profile(profile)
     device = _device(device)
-    policy, reference, tokenizer = load_or_train_sft(profile, device, progress)
+    policy, reference, tokenizer = sft_policy_and_reference(profile, config.lora_rank, device, progress)
     reward_model, _, _ = load_or_train_reward_model(profile, device, progress)
-    value_model = (
-        ValueModel.on_policy_trunk(policy) if config.shared_value_trunk else ValueModel.from_reward_model(reward_model)
-    ).to(device)
+    score_fn = score_batch
+    if config.shared_value_trunk:
+        value_model = ValueModel.on_policy_trunk(policy)
+    elif config.lora_rank:
+        value_model, reward_model = value_and_reward_models(reward_model, config.lora_rank)
+        score_fn = adapters_off_score(score_batch)
+    else:
+        value_model = ValueModel.from_reward_model(reward_model)
+    value_model = value_model.to(device)
     torch.manual_seed(config.seed)
     return PPOTrainer(
-        policy, reference, reward_model, value_model, tokenizer, load_prompts(profile, "train"), config, score_batch
+        policy, reference, reward_model, value_model, tokenizer, load_prompts(profile, "train"), config, score_fn
     )
 
 
@@ -92,16 +104,17 @@ def _train_policy(entry: cache.StageEntry, trainer, callback, progress: bool) ->
     samples, seconds) and ``history.csv``/``.json``; the finished manifest last."""
     started = time.perf_counter()
     trainer.train(checkpoint_dir=entry.folder / "checkpoint", callback=callback, progress=progress)
-    trainer.policy.save_pretrained(entry.folder / "policy", safe_serialization=True)
-    summary = {
-        "config": asdict(trainer.config),
-        "seconds_this_run": round(time.perf_counter() - started, 1),
-        "history": trainer.history,
-        "samples": trainer.samples,
-    }
-    cache.write_json_atomically(entry.folder / "summary.json", summary)
-    save_history(trainer.history, entry.folder)
-    shutil.rmtree(entry.folder / "checkpoint", ignore_errors=True)  # the final policy replaces it
+    if distributed.is_main_process():  # several processes (rlhf_core.distributed): one writes, finish waits
+        save_model(trainer.policy, entry.folder / "policy")  # a LoRA policy merged: a plain GPT-2 folder
+        summary = {
+            "config": asdict(trainer.config),
+            "seconds_this_run": round(time.perf_counter() - started, 1),
+            "history": trainer.history,
+            "samples": trainer.samples,
+        }
+        cache.write_json_atomically(entry.folder / "summary.json", summary)
+        save_history(trainer.history, entry.folder)
+        shutil.rmtree(entry.folder / "checkpoint", ignore_errors=True)  # the final policy replaces it
     cache.finish(entry, ["policy/model.safetensors", "policy/config.json", "summary.json"])
 
 
@@ -190,8 +203,9 @@ def cached_reference_logps(
         store[keys[row]] = [float(chosen[row]), float(rejected[row])]
     for row in rows:
         chosen[row], rejected[row] = store[keys[row]]
-    if missing:
+    if missing and distributed.is_main_process():
         cache.write_json_atomically(path, store)
+    distributed.wait_for_everyone()  # several processes read the file next time: all of it, the same
     return chosen, rejected
 
 
@@ -212,7 +226,7 @@ def load_or_train_dpo(
         cache.remove(entry)
     if not cache.is_finished(entry):
         device = _device(device)
-        policy, reference, tokenizer = load_or_train_sft(profile, device, progress)
+        policy, reference, tokenizer = sft_policy_and_reference(profile, config.lora_rank, device, progress)
         records = load_or_build_preferences(profile, device, progress)
         train_records, heldout_records = split_preferences(records, config.heldout_fraction, config.seed)
         heldout_records = heldout_records[: config.max_heldout_pairs]
@@ -283,7 +297,7 @@ def build_critic_free_trainer(
     profile = _profile(profile)
     config = config or CriticFreeConfig.for_profile(profile)
     device = _device(device)
-    policy, reference, tokenizer = load_or_train_sft(profile, device, progress)
+    policy, reference, tokenizer = sft_policy_and_reference(profile, config.lora_rank, device, progress)
     reward_model, _, _ = load_or_train_reward_model(profile, device, progress)
     torch.manual_seed(config.seed)
     return CriticFreeTrainer(
