@@ -61,6 +61,7 @@ from .bench_measure import (
     spread,
     timed,
     timed_arms,
+    transformers_ms_per_decode_step,
 )
 from .config import Profile, get_profile, with_overrides
 from .demonstrations import write_demonstrations
@@ -69,7 +70,7 @@ from .errors import CourseError
 from .generation import generate
 from .grpo_trainer import CriticFreeTrainer
 from .models import load_causal_lm, new_model
-from .precision import autocast, resolve_precision
+from .precision import resolve_precision
 from .reward_model import RewardModelConfig, reward_model_from_policy, score_batch, train_reward_model
 from .rlhf import PPOConfig, ValueModel
 from .rlhf_trainer import PPOTrainer
@@ -319,38 +320,10 @@ class BenchRun:
             "tokens": tokens,
             "tokens_per_second": tokens / median,
             "ms_per_decode_step": 1000 * median / decode_steps,
-            "transformers_ms_per_decode_step": self.transformers_ms_per_decode_step(prompts),
+            "transformers_ms_per_decode_step": transformers_ms_per_decode_step(
+                self.policy, self.tokenizer, prompts, self.config.max_new_tokens, self.config.repeats, self.config.seed
+            ),
         }
-
-    def transformers_ms_per_decode_step(self, prompts: list[str]) -> float:
-        """The peer of our decoding loop: ``transformers``' own ``generate`` on the same model and
-        prompts (left-padded), sampling at temperature 1 from the whole vocabulary, up to the same
-        number of new tokens, under the same autocast; milliseconds per decode step, the median
-        over ``repeats`` (its samples differ from ours, so the step is the unit compared)."""
-        left_padded = copy.copy(self.tokenizer)
-        left_padded.padding_side = "left"
-        encoded = left_padded(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(self.device)
-        settings = {
-            "do_sample": True,
-            "temperature": 1.0,
-            "top_k": 0,
-            "top_p": 1.0,
-            "max_new_tokens": self.config.max_new_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
-        }
-
-        def sample() -> torch.Tensor:
-            torch.manual_seed(self.config.seed)
-            with torch.no_grad(), autocast(self.device, resolve_precision(None, self.device)):
-                return self.policy.generate(**encoded, **settings)
-
-        sample()  # warm-up
-        per_step = []
-        for _ in range(self.config.repeats):
-            seconds, output = timed(self.device, sample)
-            per_step.append(1000 * seconds / (output.shape[1] - encoded["input_ids"].shape[1]))
-        return statistics.median(per_step)
 
 
 STAGES = ("sft", "reward_model", "dpo", "ppo", "grpo", "generation")

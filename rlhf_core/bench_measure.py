@@ -10,6 +10,7 @@ best FLOP/s of a large matmul in the same dtype, on the same device and threads.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from .precision import autocast, resolve_precision
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOPS_COUNTED_BY = (
@@ -126,3 +129,37 @@ def device_name(device: torch.device, threads: int | None) -> str:
     names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     model = names[0] if names else platform.processor() or platform.machine()
     return f"{model}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} thread(s) per arm ({device.type})"
+
+
+def transformers_ms_per_decode_step(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, repeats: int, seed: int
+) -> float:
+    """The peer of our decoding loop (``rlhf_core.generation``): ``transformers``' own ``generate`` on
+    the same model and prompts (left-padded), sampling at temperature 1 from the whole vocabulary, up to
+    the same number of new tokens, under the same autocast; milliseconds per decode step, the median
+    over ``repeats`` (its samples differ from ours, so the step is the unit compared)."""
+    device = next(model.parameters()).device
+    left_padded = copy.copy(tokenizer)
+    left_padded.padding_side = "left"
+    encoded = left_padded(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+    settings = {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+    def sample() -> torch.Tensor:
+        torch.manual_seed(seed)
+        with torch.no_grad(), autocast(device, resolve_precision(None, device)):
+            return model.generate(**encoded, **settings)
+
+    sample()  # warm-up
+    per_step = []
+    for _ in range(repeats):
+        seconds, output = timed(device, sample)
+        per_step.append(1000 * seconds / (output.shape[1] - encoded["input_ids"].shape[1]))
+    return statistics.median(per_step)
