@@ -200,41 +200,26 @@ def test_interrupted_dpo_resumes_bit_exact(tmp_path, base_model, tokenizer):
         steps=6, batch_size=4, learning_rate=1e-3, warmup_steps=2, eval_every=3, checkpoint_every=2, seed=3
     )  # 3 steps per epoch: the run crosses an epoch
     seen = []
-    uninterrupted, full_history = train_dpo(
-        copy.deepcopy(base_model),
-        copy.deepcopy(base_model),
-        tokenizer,
-        train,
-        heldout,
-        config,
-        out_dir=tmp_path / "a",
-        progress=False,
-        callback=seen.append,
-    )
+
+    def run(folder: str, **options):  # a fresh copy of the base model as policy and as reference, each call
+        return train_dpo(
+            copy.deepcopy(base_model),
+            copy.deepcopy(base_model),
+            tokenizer,
+            train,
+            heldout,
+            config,
+            out_dir=tmp_path / folder,
+            progress=False,
+            **options,
+        )
+
+    uninterrupted, full_history = run("a", callback=seen.append)
     assert seen == full_history[1:]  # the callback gets every step's record
-    _, partial_history = train_dpo(
-        copy.deepcopy(base_model),
-        copy.deepcopy(base_model),
-        tokenizer,
-        train,
-        heldout,
-        config,
-        out_dir=tmp_path / "b",
-        progress=False,
-        stop_after_steps=3,
-    )
+    _, partial_history = run("b", stop_after_steps=3)
     assert len(partial_history) == 4 and (tmp_path / "b" / "checkpoint" / "training_state.pt").exists()
     torch.manual_seed(12345)  # the disconnect scrambles the global random state
-    resumed, resumed_history = train_dpo(
-        copy.deepcopy(base_model),
-        copy.deepcopy(base_model),
-        tokenizer,
-        train,
-        heldout,
-        config,
-        out_dir=tmp_path / "b",
-        progress=False,
-    )
+    resumed, resumed_history = run("b")
     assert resumed_history == full_history
     expected = uninterrupted.state_dict()
     for name, tensor in resumed.state_dict().items():
