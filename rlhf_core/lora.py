@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,8 +91,12 @@ def add_lora(
         fan_in_fan_out=True,  # GPT-2's Conv1D stores its weight (d_in, d_out)
         bias="none",
     )
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
         torch.manual_seed(seed)
+        # peft asks the model `is_gradient_checkpointing`, which transformers 5 deprecates with a
+        # FutureWarning that names a site-packages path: noise on the page, and a path that differs
+        # from machine to machine in a checked output.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
 
 

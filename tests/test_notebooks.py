@@ -58,6 +58,16 @@ def test_committed_chapter_is_clean_and_small(path):
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda path: path.name[:2])
+def test_checked_cells_write_nothing_to_stderr(path):
+    # nbval compares stderr too: a library warning there names this machine's site-packages path, which
+    # differs on every other machine (CI clones to another folder), so a checked cell must keep it empty.
+    for cell in _code_cells(path):
+        if "# NBVAL_CHECK_OUTPUT" in cell.source:
+            noise = [output.text for output in cell.outputs if output.get("name") == "stderr"]
+            assert noise == [], f"a checked cell writes to stderr: {noise[0][:200]!r}\n{cell.source[:200]}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda path: path.name[:2])
 def test_every_chapter_lets_get_profile_choose(path):
     """RLHF_PROFILE if set, else auto (gpt2 on CUDA, tiny elsewhere): no chapter pins a profile of its own."""
     source = "\n".join(cell.source for cell in _code_cells(path))
