@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import transformers
 from datasets import Dataset
-from transformers import PreTrainedTokenizerFast, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from .bench import BenchConfig, starting_policy
@@ -52,15 +52,6 @@ from .world import sample_prompts
 
 PROMPT_SEED = 7_100  # the PPO prompts of this comparison
 ITERATIONS = 4  # per repeat and arm: the first is a warm-up, the mean of the other three is timed
-
-
-def offline_tokenizer(folder: str):
-    """``load_tokenizer``; on transformers 4.x, which does not know the tokenizer class transformers 5
-    wrote into ``tokenizer_config.json``, the same fast tokenizer read from its files directly."""
-    try:
-        return load_tokenizer(folder)
-    except ValueError:
-        return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
 def our_arm(policy, reward_model, tokenizer, prompts: list[str], config: PPOConfig, lengths: list[float]):
@@ -176,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     profile = get_profile(args.profile)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = offline_tokenizer(profile.tokenizer)
+    tokenizer = load_tokenizer(profile.tokenizer)
     policy, weights = starting_policy(profile, tokenizer, device, seed=0)
     reward_model = reward_model_from_policy(policy)
     config = PPOConfig.for_profile(

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .lora import save_model
 from .precision import autocast, grad_scaler, resolve_precision
+from .tokenizer import save_tokenizer
 from .training import (
     InterruptGuard,
     backward_and_step,
@@ -226,7 +227,7 @@ def _write_final(out_dir: Path, model, summary_file: str, summary: dict, tokeniz
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, out_dir)  # a LoRA model's adapters merged in: a plain GPT-2 folder (rlhf_core.lora)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        save_tokenizer(tokenizer, out_dir)
     partial = out_dir / f"{summary_file}.{os.getpid()}.partial"
     partial.write_text(json.dumps(summary, indent=1))
     partial.replace(out_dir / summary_file)

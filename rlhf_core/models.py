@@ -134,7 +134,9 @@ def save_reward_model(model, folder: str | Path, tokenizer=None, metrics: dict |
         shutil.rmtree(partial)
     model.save_pretrained(partial, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(partial)
+        from .tokenizer import save_tokenizer  # here: tokenizer imports this module
+
+        save_tokenizer(tokenizer, partial)
     if metrics is not None:
         (partial / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if folder.exists():

@@ -29,7 +29,7 @@ from .config import Profile, data_dir, get_profile, seed_everything, with_overri
 from .errors import CourseError
 from .loop import batch_rows, save_final, steps_done, train_loop
 from .models import count_parameters, new_model
-from .tokenizer import load_tokenizer, train_tokenizer
+from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from .training import adamw
 
 
@@ -153,7 +153,7 @@ def validation_loss(model, tokenized: list[list[int]], pad_id: int, batch_size: 
 def build_tokenizer(profile: Profile, folder: Path, seed: int = world.PRETRAIN_SEED):
     """Train the BPE on 20k world reviews (closings and long reviews included) and save it."""
     tokenizer = train_tokenizer(world.pretraining_corpus(20_000, seed), profile.vocab_size)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return load_tokenizer(folder)
 
 

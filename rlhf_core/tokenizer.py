@@ -14,6 +14,7 @@ EOS in the gpt2 profile).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +25,23 @@ from .models import pretrained_error
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+
+
+# The class ``tokenizer_config.json`` names. transformers 5 writes its own new ``TokenizersBackend``, which
+# transformers 4.x (still on many Colab images, and TRL 0.24's environment) cannot load; both lines load
+# ``PreTrainedTokenizerFast`` into the same tokenizer (the same ids, the same special tokens).
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> None:
+    """``save_pretrained``; where transformers 5 named its ``TokenizersBackend``, ``TOKENIZER_CLASS``
+    instead, so that transformers 4.x and 5.x both load the folder (hub classes are kept)."""
+    tokenizer.save_pretrained(str(folder))
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = TOKENIZER_CLASS
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:

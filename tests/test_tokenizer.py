@@ -1,7 +1,10 @@
+import json
+from pathlib import Path
+
 from transformers import AutoTokenizer
 
 from rlhf_core import world
-from rlhf_core.tokenizer import EOS_TOKEN, PAD_TOKEN, train_tokenizer
+from rlhf_core.tokenizer import EOS_TOKEN, PAD_TOKEN, TOKENIZER_CLASS, save_tokenizer, train_tokenizer
 
 
 def test_shipped_tokenizer_loads_with_autotokenizer(tiny_profile):
@@ -30,3 +33,17 @@ def test_training_a_tokenizer_from_text():
     assert len(tokenizer) <= 400 and tokenizer.pad_token_id == 1 and tokenizer.eos_token_id == 0
     text = world.sample_reviews(1, seed=3)[0].text
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_saved_tokenizers_name_a_class_transformers_4_and_5_both_load(tiny_profile, tmp_path):
+    # transformers 5's save_pretrained writes "TokenizersBackend", unknown to transformers 4.x
+    # (AutoTokenizer raises "Tokenizer class TokenizersBackend does not exist").
+    tokenizer = train_tokenizer(world.pretraining_corpus(300, seed=0), vocab_size=400)
+    save_tokenizer(tokenizer, tmp_path)
+    for folder in (tmp_path, tiny_profile.tokenizer):
+        config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] == TOKENIZER_CLASS == "PreTrainedTokenizerFast"
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "The acting was wonderful.<|endoftext|>"
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert (reloaded.eos_token_id, reloaded.pad_token_id) == (0, 1)
