@@ -1,34 +1,29 @@
 """``CriticFreeTrainer``: the three models of ``rlhf_core.grpo`` (policy, reference, reward model; no value
 model), the policy's optimiser and the loop's state, with checkpoints.
 
-The algorithm is ``grpo.critic_free_iteration``; this wrapper draws each iteration's prompts, keeps the history
-and samples, and saves and resumes through ``rlhf_core.training``, like ``rlhf_trainer.PPOTrainer``.
+The algorithm is ``grpo.critic_free_iteration``; ``iteration_loop.IterationLoop`` draws each iteration's
+prompts, keeps the history and samples, and saves and resumes, as for ``rlhf_trainer.PPOTrainer``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from . import distributed
-from .errors import CourseError
-from .gold import gold_scores
 from .grpo import CriticFreeConfig, CriticFreeModels, CriticFreeState, critic_free_iteration
+from .iteration_loop import IterationLoop
 from .models import disable_dropout
 from .precision import grad_scaler, resolve_precision
-from .training import InterruptGuard, load_checkpoint, save_checkpoint
 
 
 @dataclass
-class CriticFreeTrainer:
+class CriticFreeTrainer(IterationLoop):
     """The three models, the policy's optimiser and the loop's state; ``step`` runs one
-    ``critic_free_iteration``, ``train`` runs them all with checkpoints.
+    ``critic_free_iteration``, ``train`` runs them all with checkpoints (``IterationLoop``).
 
     Logged per iteration (``history``, one dict each; the keys PPO logs mean the same here):
       reward_model_score  mean reward-model score of the rollout (normalised: the SFT policy scores 0 +- 1)
@@ -87,125 +82,11 @@ class CriticFreeTrainer:
         return CriticFreeModels(self.policy, self.reference, self.reward_model, self.tokenizer, self.score_fn)
 
     @property
-    def iteration(self) -> int:
-        """Iterations done."""
-        return self.state.iteration
+    def progress_label(self) -> str:
+        return self.config.method  # "grpo", "dr_grpo" or "rloo"
 
-    def step(self) -> dict[str, float]:
-        """One iteration on P freshly drawn prompts; appends to ``history`` and returns the record."""
-        rows = torch.randint(
-            len(self.prompts), (self.process_config.prompts_per_iteration,), generator=self.state.shuffle_generator
-        )
-        record, data = critic_free_iteration(
-            self.models, [self.prompts[i] for i in rows.tolist()], self.process_config, self.state
-        )
-        self.history.append(record)
-        every = self.config.sample_every
-        if every and (record["iteration"] - 1) % every == 0:
-            batch = data.batch
-            gold = gold_scores(batch.prompts[:1], batch.responses[:1], batch.ended[:1].tolist())
-            self.samples.append(
-                {
-                    "iteration": record["iteration"],
-                    "prompt": batch.prompts[0],
-                    "response": batch.responses[0],
-                    "reward_model_score": float(data.reward_model_scores[0]),
-                    "penalised_score": float(data.penalised_scores[0]),
-                    "advantage": float(data.advantages[0].sum() / data.batch.response_mask[0].sum()),
-                    "gold": float(gold[0]),
-                }
-            )
-        return record
+    def _iterate(self, prompts: list[str]):
+        return critic_free_iteration(self.models, prompts, self.process_config, self.state)
 
-    def train(
-        self,
-        iterations: int | None = None,
-        checkpoint_dir: str | Path | None = None,
-        resume: bool = True,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
-    ) -> list[dict]:
-        """Run until ``iterations`` (default: the config's) are done; returns the history.
-
-        With a ``checkpoint_dir``, a checkpoint is saved every ``checkpoint_every`` iterations and at
-        the end, and (``resume=True``) a checkpoint found there is continued, to the same result as a
-        run never stopped. Ctrl-C finishes the current iteration, saves, says where the next run
-        resumes and re-raises KeyboardInterrupt (a second Ctrl-C stops at once, unsaved).
-        ``callback`` gets each iteration's record (live plots)."""
-        total = iterations or self.config.iterations
-        folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        if folder is not None and resume and (folder / "training_state.pt").exists():
-            self.load(folder)
-        every = self.config.checkpoint_every
-        bar = tqdm(
-            total=total, initial=self.iteration, desc=self.config.method, disable=not distributed.shows(progress)
-        )
-        with InterruptGuard() as interrupt:
-            try:
-                while self.iteration < total:
-                    interrupt.busy = True
-                    record = self.step()
-                    if folder is not None and every and self.iteration % every == 0:
-                        self.save(folder)
-                    interrupt.busy = False
-                    bar.update(1)
-                    bar.set_postfix(
-                        score=f"{record['reward_model_score']:+.2f}",
-                        gold=f"{record['gold']:+.2f}",
-                        kl=f"{record['kl']:.2f}",
-                    )
-                    if callback is not None:
-                        callback(record)
-                    if interrupt.requested:
-                        raise KeyboardInterrupt
-            except KeyboardInterrupt:
-                bar.close()
-                print(self._stop_after_interrupt(folder, inside_iteration=interrupt.busy))
-                raise
-        bar.close()
-        if folder is not None:
-            self.save(folder)
-        return self.history
-
-    def _stop_after_interrupt(self, folder: Path | None, inside_iteration: bool) -> str:
-        """Save what can be saved after Ctrl-C; the one line that says where the next run resumes."""
-        if inside_iteration or distributed.is_distributed():  # half an update, or processes at other points
-            where = f"the last checkpoint in {folder}" if folder is not None else "scratch (no checkpoint_dir)"
-            return (
-                f"interrupted inside iteration {self.iteration + 1}, nothing saved: the next run resumes from {where}"
-            )
-        if folder is None:
-            return f"interrupted at iteration {self.iteration}, nothing saved (no checkpoint_dir)"
-        self.save(folder)
-        return f"interrupted at iteration {self.iteration}, the next run resumes from {folder}"
-
-    # ----- checkpoints -------------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """The policy (a loadable ``save_pretrained`` folder), optimiser, random states and history
-        through ``save_checkpoint``; the sampling generator and samples in its ``extra``: one atomic
-        write of everything ``load`` needs to continue exactly."""
-        extra = {
-            "sampling_rng": self.state.sampling_generator.get_state(),
-            "process_rng": distributed.process_rng_states(self._generators),  # several processes: each one's
-            "samples": json.dumps(self.samples),
-            "config": json.dumps(asdict(self.config)),
-        }
-        return save_checkpoint(
-            folder, self.policy, self.state.optimizer, self.iteration, self.history, self.state.shuffle_generator, extra
-        )
-
-    def load(self, folder: str | Path) -> None:
-        restored = load_checkpoint(folder, self.policy, self.state.optimizer, self.state.shuffle_generator)
-        extra = restored["extra"]
-        saved_config = json.loads(extra["config"])
-        if saved_config != asdict(self.config):
-            changed = sorted(name for name, value in asdict(self.config).items() if saved_config.get(name) != value)
-            raise CourseError(
-                f"the checkpoint in {folder} was written with another config ({', '.join(changed)} "
-                "differ): resume with the same config, or pass resume=False to start over"
-            )
-        self.state.sampling_generator.set_state(extra["sampling_rng"])
-        distributed.restore_process_rng(extra.get("process_rng"), self._generators, self.config.seed)
-        self.state.iteration = restored["step"]
-        self.history = restored["history"]
-        self.samples = json.loads(extra["samples"])
+    def _sample_extras(self, data, row: int) -> dict:
+        return {"advantage": float(data.advantages[row].sum() / data.batch.response_mask[row].sum())}

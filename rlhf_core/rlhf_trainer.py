@@ -1,35 +1,34 @@
 """``PPOTrainer``: the four models of ``rlhf_core.rlhf``, their optimiser and the loop's state,
 with checkpoints.
 
-The algorithm is ``rlhf.ppo_iteration``; this wrapper only draws each iteration's prompts, keeps the
-history and samples, and saves and resumes through ``rlhf_core.training.save_checkpoint`` (the
-same atomic checkpoints as every other trainer), so an interrupted run resumes to the same result.
+The algorithm is ``rlhf.ppo_iteration``; ``iteration_loop.IterationLoop`` draws each iteration's prompts,
+keeps the history and samples, and saves and resumes through ``rlhf_core.training.save_checkpoint`` (the
+same atomic checkpoints as every other trainer), so an interrupted run resumes to the same result. This
+module adds the four models, their optimiser, and the value model's and KL controller's state.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import CourseError
-from .gold import gold_scores
+from .iteration_loop import IterationLoop
 from .models import disable_dropout
 from .precision import grad_scaler, resolve_precision
 from .rlhf import PPOConfig, PPOModels, PPOState, ValueModel, kl_controller, ppo_iteration, value_only_parameters
-from .training import InterruptGuard, load_checkpoint, save_checkpoint
 
 
 @dataclass
-class PPOTrainer:
+class PPOTrainer(IterationLoop):
     """The four models, their optimiser and the loop's state; ``step`` runs one ``ppo_iteration``,
-    ``train`` runs them all with checkpoints.
+    ``train`` runs them all with checkpoints (``IterationLoop``).
 
     Logged per iteration (``history``, one dict each):
       reward_model_score  mean reward-model score of the rollout (normalised: the SFT policy scores
@@ -63,6 +62,7 @@ class PPOTrainer:
     history: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     precision: str | None = None  # None: RLHF_PRECISION, else auto (rlhf_core.precision)
+    progress_label = "PPO"
 
     def __post_init__(self):
         for model in (self.policy, self.reference, self.reward_model, self.value_model):
@@ -107,103 +107,10 @@ class PPOTrainer:
             self.policy, self.reference, self.reward_model, self.value_model, self.tokenizer, self.score_fn
         )
 
-    @property
-    def iteration(self) -> int:
-        """Iterations done."""
-        return self.state.iteration
+    def _iterate(self, prompts: list[str]):
+        return ppo_iteration(self.models, prompts, self.process_config, self.state)
 
-    def step(self) -> dict[str, float]:
-        """One iteration on freshly drawn prompts; appends to ``history`` and returns the record."""
-        rows = torch.randint(
-            len(self.prompts), (self.process_config.prompts_per_iteration,), generator=self.state.shuffle_generator
-        )
-        record, data = ppo_iteration(
-            self.models, [self.prompts[i] for i in rows.tolist()], self.process_config, self.state
-        )
-        self.history.append(record)
-        every = self.config.sample_every
-        if every and (record["iteration"] - 1) % every == 0:
-            batch = data.batch
-            gold = gold_scores(batch.prompts[:1], batch.responses[:1], batch.ended[:1].tolist())
-            self.samples.append(
-                {
-                    "iteration": record["iteration"],
-                    "prompt": batch.prompts[0],
-                    "response": batch.responses[0],
-                    "reward_model_score": float(data.reward_model_scores[0]),
-                    "penalised_score": float(data.penalised_scores[0]),
-                    "gold": float(gold[0]),
-                }
-            )
-        return record
-
-    def train(
-        self,
-        iterations: int | None = None,
-        checkpoint_dir: str | Path | None = None,
-        resume: bool = True,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
-        stop_after_iterations: int | None = None,
-    ) -> list[dict]:
-        """Run until ``iterations`` (default: the config's) are done; returns the history.
-
-        With a ``checkpoint_dir``, a checkpoint is saved every ``checkpoint_every`` iterations and
-        at the end, and (``resume=True``) a checkpoint found there is continued, to the same result
-        as a run never stopped. Ctrl-C finishes the current iteration, saves, says where the next
-        run resumes and re-raises KeyboardInterrupt (a second Ctrl-C stops at once, unsaved).
-        ``callback`` gets each iteration's record (live plots). ``stop_after_iterations`` ends this
-        call early after saving a checkpoint (a simulated disconnect)."""
-        total = iterations or self.config.iterations
-        folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        if folder is not None and resume and (folder / "training_state.pt").exists():
-            self.load(folder)
-        every = self.config.checkpoint_every
-        bar = tqdm(total=total, initial=self.iteration, desc="PPO", disable=not distributed.shows(progress))
-        done_this_call = 0
-        with InterruptGuard() as interrupt:
-            try:
-                while self.iteration < total:
-                    if stop_after_iterations is not None and done_this_call >= stop_after_iterations:
-                        break
-                    interrupt.busy = True
-                    record = self.step()
-                    if folder is not None and every and self.iteration % every == 0:
-                        self.save(folder)
-                    interrupt.busy = False
-                    done_this_call += 1
-                    bar.update(1)
-                    bar.set_postfix(
-                        score=f"{record['reward_model_score']:+.2f}",
-                        gold=f"{record['gold']:+.2f}",
-                        kl=f"{record['kl']:.2f}",
-                    )
-                    if callback is not None:
-                        callback(record)
-                    if interrupt.requested:
-                        raise KeyboardInterrupt
-            except KeyboardInterrupt:
-                bar.close()
-                print(self._stop_after_interrupt(folder, inside_iteration=interrupt.busy))
-                raise
-        bar.close()
-        if folder is not None:
-            self.save(folder)
-        return self.history
-
-    def _stop_after_interrupt(self, folder: Path | None, inside_iteration: bool) -> str:
-        """Save what can be saved after Ctrl-C; the one line that says where the next run resumes."""
-        if inside_iteration or distributed.is_distributed():  # half an update, or processes at other points
-            where = f"the last checkpoint in {folder}" if folder is not None else "scratch (no checkpoint_dir)"
-            return (
-                f"interrupted inside iteration {self.iteration + 1}, nothing saved: the next run resumes from {where}"
-            )
-        if folder is None:
-            return f"interrupted at iteration {self.iteration}, nothing saved (no checkpoint_dir)"
-        self.save(folder)
-        return f"interrupted at iteration {self.iteration}, the next run resumes from {folder}"
-
-    # ----- checkpoints -------------------------------------------------------------------
+    # ----- checkpoints: the value model and beta's controller besides IterationLoop's ------------
     def _value_state(self) -> dict[str, torch.Tensor]:
         """The value model's own trained tensors: all of a copy of the reward model, the head alone on
         the policy's trunk (the trunk is the policy's, saved with it), the adapters and the head on the
@@ -215,34 +122,14 @@ class PPOTrainer:
             if p.requires_grad and id(p) not in policy_ids
         }
 
-    def save(self, folder: str | Path) -> Path:
-        """The policy (a loadable ``save_pretrained`` folder), optimiser, random states and history
-        through ``save_checkpoint``; the value model, KL controller, sampling generator and samples
-        in its ``extra``: one atomic write of everything ``load`` needs to continue exactly."""
-        extra = {
+    def _extra_state(self) -> dict:
+        return {
             "value_model": self._value_state(),
             "kl_controller": json.dumps(self.state.kl_controller.state_dict()),
-            "sampling_rng": self.state.sampling_generator.get_state(),
-            "process_rng": distributed.process_rng_states(self._generators),  # several processes: each one's
-            "samples": json.dumps(self.samples),
-            "config": json.dumps(asdict(self.config)),
-            "scaler": self.state.scaler.state_dict(),
         }
-        return save_checkpoint(
-            folder, self.policy, self.state.optimizer, self.iteration, self.history, self.state.shuffle_generator, extra
-        )
 
-    def load(self, folder: str | Path) -> None:
-        restored = load_checkpoint(folder, self.policy, self.state.optimizer, self.state.shuffle_generator)
-        extra = restored["extra"]
+    def _load_extra_state(self, extra: dict, folder: Path) -> None:
         _, unexpected = self.value_model.load_state_dict(extra["value_model"], strict=False)
         if unexpected or not set(self._value_state()) <= set(extra["value_model"]):
             raise CourseError(f"the checkpoint in {folder} holds another value model: resume with the same config")
         self.state.kl_controller.load_state_dict(json.loads(extra["kl_controller"]))
-        self.state.sampling_generator.set_state(extra["sampling_rng"])
-        distributed.restore_process_rng(extra.get("process_rng"), self._generators, self.config.seed)
-        if self.state.scaler.is_enabled() and extra.get("scaler"):
-            self.state.scaler.load_state_dict(extra["scaler"])
-        self.state.iteration = restored["step"]
-        self.history = restored["history"]
-        self.samples = json.loads(extra["samples"])

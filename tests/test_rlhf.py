@@ -509,6 +509,16 @@ def test_ctrl_c_saves_whole_iterations_and_resumes_to_the_same_result(
     assert_same_run(straight, resumed)
 
 
+def test_a_checkpoint_of_another_config_is_refused_in_one_line(four_models, tokenizer, tmp_path):
+    _trainer(four_models, tokenizer).train(iterations=1, checkpoint_dir=tmp_path / "run", progress=False)
+    other = _trainer(four_models, tokenizer, kl_coef=0.5, ppo_epochs=1)
+    with pytest.raises(CourseError, match=r"another config \(kl_coef, ppo_epochs differ\)"):
+        other.train(checkpoint_dir=tmp_path / "run", progress=False)
+    saving_less_often = _trainer(four_models, tokenizer, checkpoint_every=2)  # bookkeeping only: it resumes
+    saving_less_often.train(iterations=2, checkpoint_dir=tmp_path / "run", progress=False)
+    assert saving_less_often.iteration == 2
+
+
 def test_nan_anywhere_stops_the_run_naming_it(four_models, tokenizer):
     trainer = _trainer(four_models, tokenizer)
     trainer.score_fn = lambda rm, ids, mask: torch.full((ids.shape[0],), float("nan"))
