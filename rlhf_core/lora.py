@@ -71,12 +71,16 @@ def add_lora(
     dropout: float = 0.0,
     target_modules=TARGET_MODULES,
     seed: int = 0,
+    trainable_modules: tuple[str, ...] = (),
 ):
     """``model`` (a GPT-2, changed in place) with LoRA adapters of rank ``rank`` on ``target_modules``,
     as a peft model: only the adapters are trainable; the rest is frozen. ``alpha``: the scale's
     numerator, (alpha / r) B A (default 2 * rank, a scale of 2). ``dropout``: on the adapters' input
     (0 in RLHF: dropout noise would leak into the ratios and the KL). The random A matrices are drawn
-    from ``seed`` (the global random state is left as it was), so the same call gives the same adapters."""
+    from ``seed`` (the global random state is left as it was), so the same call gives the same adapters.
+    ``trainable_modules``: modules trained in full beside the adapters (peft's ``modules_to_save``: the
+    reward model's fresh ``score`` head, which has no pretrained weights for adapters to adjust); they
+    are saved with the adapters and merged like them."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise CourseError(f"add_lora: rank={rank!r} must be a whole number of at least 1 (8 is usual)")
     if is_lora(model):
@@ -90,6 +94,7 @@ def add_lora(
         target_modules=list(target_modules),
         fan_in_fan_out=True,  # GPT-2's Conv1D stores its weight (d_in, d_out)
         bias="none",
+        modules_to_save=list(trainable_modules) or None,
     )
     with torch.random.fork_rng(), warnings.catch_warnings():
         torch.manual_seed(seed)
@@ -174,8 +179,9 @@ def adapters_off_score(score_fn):
 
 
 def merged_copy(policy) -> nn.Module:
-    """A plain ``GPT2LMHeadModel`` whose weights are the LoRA policy's, adapters merged in
-    (W + (alpha / r) B A): the same logits, no peft needed to read it. The policy is unchanged (the
+    """A plain ``transformers`` model (``GPT2LMHeadModel``, or the reward model's
+    ``GPT2ForSequenceClassification`` with its trained head) whose weights are the LoRA model's,
+    adapters merged in (W + (alpha / r) B A): the same outputs, no peft needed to read it. The policy is unchanged (the
     merge happens on a copy, so it briefly holds a second copy of the weights)."""
     if not is_lora(policy):
         raise CourseError("merged_copy: the model has no LoRA adapters; save it as it is")

@@ -57,7 +57,7 @@ from .batching import (
     per_row_in_buckets,
     position_ids_from_mask,
 )
-from .config import Profile, get_profile, seed_everything, with_overrides
+from .config import LORA_LEARNING_RATE_SCALE, Profile, get_profile, lora_rank_of, seed_everything, with_overrides
 from .loop import batch_rows, fingerprint, steps_per_epoch, train_loop
 from .models import disable_dropout
 from .precision import autocast, resolve_precision
@@ -79,6 +79,7 @@ class RewardModelConfig:
     n_normalization_prompts: int = 512  # fresh SFT samples that fix the mean-0 / std-1 normalisation
     score_batch_size: int = 128  # texts scored per forward pass when not training
     seed: int = 0  # head initialisation, pair shuffling, split and normalisation samples
+    lora_rank: int = 0  # LoRA adapters of this rank on the trunk, the head trained in full, merged when saved (0: full)
 
     @classmethod
     def for_profile(cls, profile: Profile | str | None = None, **overrides) -> RewardModelConfig:
@@ -105,6 +106,9 @@ class RewardModelConfig:
                 n_normalization_prompts=32,
                 score_batch_size=32,
             )
+        lora_rank = lora_rank_of(profile, overrides)
+        if lora_rank:  # LoRA: a larger step (config.LORA_LEARNING_RATE_SCALE)
+            config = replace(config, lora_rank=lora_rank, learning_rate=LORA_LEARNING_RATE_SCALE * config.learning_rate)
         return with_overrides(config, overrides)
 
     def total_steps(self, n_train: int) -> int:

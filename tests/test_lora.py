@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from rlhf_core import lora, stages, world
 from rlhf_core.__main__ import main
@@ -30,8 +30,14 @@ from rlhf_core.memory import (
     memory_markdown,
     memory_table,
 )
-from rlhf_core.models import load_causal_lm
-from rlhf_core.reward_model import reward_model_from_policy, score_batch
+from rlhf_core.models import load_causal_lm, load_reward_model, save_reward_model
+from rlhf_core.reward_model import (
+    RewardModelConfig,
+    encode_for_scoring,
+    reward_model_from_policy,
+    score_batch,
+    train_reward_model,
+)
 from rlhf_core.rlhf import PPOConfig, ValueModel
 from rlhf_core.rlhf_trainer import PPOTrainer
 from rlhf_core.sft import SFTConfig, train_sft
@@ -293,7 +299,54 @@ def test_lora_sft_trains_the_adapters_and_saves_a_plain_model(base, tokenizer, p
         assert torch.allclose(saved(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
 
 
-def test_the_stages_train_lora_sft_and_build_lora_ppo_from_it(monkeypatch, tmp_path):
+def test_a_lora_reward_model_trains_adapters_and_head_resumes_and_saves_a_plain_model(
+    base, tokenizer, prompts, tmp_path
+):
+    records = [
+        {
+            "prompt": prompt,
+            "chosen": " I loved it, a wonderful film.",
+            "rejected": " Dull, and far too long.",
+            "chosen_gold": 1.0,
+            "rejected_gold": -1.0,
+        }
+        for prompt in prompts
+    ]
+    train, heldout = records[:12], records[12:]
+    config = RewardModelConfig(
+        steps=4, batch_size=4, learning_rate=1e-2, warmup_steps=1, eval_every=0, checkpoint_every=2, lora_rank=RANK
+    )
+
+    def fresh():  # the surgery, then adapters on the trunk and the fresh head trained in full
+        return lora.add_lora(random_reward_model(base), RANK, trainable_modules=("score",))
+
+    model = fresh()
+    before = snapshot(model)
+    model, history = train_reward_model(model, tokenizer, train, heldout, config, progress=False)
+    head = {name for name in before if "modules_to_save" in name}  # peft's trained copy of the head
+    assert head and changed(before, model) == adapter_names(model) | head  # the trunk's weights never move
+    assert history[-1]["heldout_loss"] < history[0]["heldout_loss"]
+
+    # interrupted after 2 steps: the checkpoint holds the adapters and the head, and resuming ends where
+    # the uninterrupted run ended
+    train_reward_model(fresh(), tokenizer, train, heldout, config, progress=False, out_dir=tmp_path, stop_after_steps=2)
+    resumed, _ = train_reward_model(fresh(), tokenizer, train, heldout, config, progress=False, out_dir=tmp_path)
+    expected = model.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in resumed.state_dict().items())
+
+    # merged and saved: a plain GPT2ForSequenceClassification with the same scores
+    merged = lora.merged_copy(model)
+    assert type(merged) is GPT2ForSequenceClassification
+    save_reward_model(merged, tmp_path / "saved", tokenizer)
+    loaded = load_reward_model(tmp_path / "saved")
+    batch = encode_for_scoring(tokenizer, prompts[:4], [" I loved it.", " Dull.", " Fine.", " Long and dull."])
+    with torch.no_grad():
+        scores = score_batch(model, batch.input_ids, batch.attention_mask)
+        assert torch.allclose(score_batch(loaded, batch.input_ids, batch.attention_mask), scores, atol=1e-5)
+        assert not torch.allclose(score_batch(random_reward_model(base), batch.input_ids, batch.attention_mask), scores)
+
+
+def test_the_stages_train_lora_sft_and_reward_model_and_build_lora_ppo_from_them(monkeypatch, tmp_path):
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
     full = get_profile("tiny", quick=True)
     profile = full.with_overrides(lora_rank=RANK)
@@ -302,12 +355,10 @@ def test_the_stages_train_lora_sft_and_build_lora_ppo_from_it(monkeypatch, tmp_p
     assert entry.config["lora_rank"] == RANK
     assert not any("adapter" in path.name for path in entry.folder.iterdir())
     sft_model = GPT2LMHeadModel.from_pretrained(entry.folder)  # the merged SFT model, plain
-    # PPO from it: the reward model stage replaced by a quick stand-in (its own tests train it)
-    monkeypatch.setattr(
-        stages.policies,
-        "load_or_train_reward_model",
-        lambda *args, **kwargs: (reward_model_from_policy(sft_model), None, {}),
-    )
+    reward_entry = stages.ensure_reward_model(profile, progress=False)  # adapters and head, merged when saved
+    assert reward_entry.config["lora_rank"] == RANK
+    assert not any("adapter" in path.name for path in reward_entry.folder.iterdir())
+    assert type(GPT2ForSequenceClassification.from_pretrained(reward_entry.folder)) is GPT2ForSequenceClassification
     trainer = stages.build_ppo_trainer(profile, progress=False)
     assert trainer.config.lora_rank == RANK and not trainer.config.shared_value_trunk
     assert isinstance(trainer.reference, lora.AdapterOffReference) and trainer.reference.policy is trainer.policy
@@ -319,10 +370,11 @@ def test_the_stages_train_lora_sft_and_build_lora_ppo_from_it(monkeypatch, tmp_p
 
 
 # ----- the configs -----------------------------------------------------------------------------------
-def test_every_policy_config_takes_the_profiles_rank_and_a_lora_learning_rate():
+def test_every_trainer_config_takes_the_profiles_rank_and_a_lora_learning_rate():
     full, tiny = get_profile("tiny"), get_profile("tiny").with_overrides(lora_rank=RANK)
     pairs = [  # (config, its learning rate, LoRA's scale of it): 10x; PPO's a third of that (rlhf.LORA_PPO_SCALE)
         (SFTConfig, "learning_rate", 10),
+        (RewardModelConfig, "learning_rate", 10),
         (PPOConfig, "policy_learning_rate", 10 / 3),
         (DPOConfig, "learning_rate", 10),
         (CriticFreeConfig, "learning_rate", 10 / 3),  # PPO's policy learning rate: one frontier

@@ -23,7 +23,7 @@ from ..demonstrations import (
 )
 from ..generation import sample_responses
 from ..gold import GoldConfig, gold_scores
-from ..lora import AdapterOffReference, add_lora
+from ..lora import AdapterOffReference, add_lora, merged_copy
 from ..models import load_causal_lm, load_reward_model, looks_like_path, save_reward_model
 from ..preferences import (
     PreferenceConfig,
@@ -324,6 +324,8 @@ def ensure_reward_model(
         train_records, heldout_records = split_preferences(records, config.heldout_fraction, config.seed)
         seed_everything(config.seed)
         reward_model = reward_model_from_policy(policy)
+        if config.lora_rank:  # adapters on the SFT trunk, the fresh head trained in full (rlhf_core.lora)
+            reward_model = add_lora(reward_model, config.lora_rank, trainable_modules=("score",))
         started = time.perf_counter()
         reward_model, history = train_reward_model(
             reward_model,
@@ -335,6 +337,8 @@ def ensure_reward_model(
             out_dir=entry.folder / "training",
             callback=callback,
         )
+        if config.lora_rank:  # normalised, measured and saved as a plain GPT2ForSequenceClassification
+            reward_model = merged_copy(reward_model)
         finish_reward_model(
             profile,
             reward_model,
