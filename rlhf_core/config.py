@@ -12,9 +12,9 @@ A *profile* says which world the course runs in:
             gpt2 goes next.
 - ``auto``  ``gpt2`` where CUDA is present, else ``tiny``.
 
-A profile's ``lora_rank`` (0: full fine-tuning) is the default of every trainer's config (SFT, the
-reward model, PPO, DPO, the critic-free loop): ``profile.with_overrides(lora_rank=8)`` (``run --lora``)
-trains LoRA adapters everywhere, and since the configs hold the rank, full and LoRA results never share a
+A profile's ``lora_rank`` (0: full fine-tuning) is the default of every policy trainer's config (SFT, PPO,
+DPO, the critic-free loop) and, on the hub profiles, of the reward model's (``RewardModelConfig.for_profile``
+says why not on tiny): ``profile.with_overrides(lora_rank=8)`` (``run --lora``) trains LoRA adapters, and since the configs hold the rank, full and LoRA results never share a
 cached stage.
 
 The profile is chosen by argument, else by the ``RLHF_PROFILE`` environment variable, else ``auto``.

@@ -355,7 +355,10 @@ def test_the_stages_train_lora_sft_and_reward_model_and_build_lora_ppo_from_them
     assert entry.config["lora_rank"] == RANK
     assert not any("adapter" in path.name for path in entry.folder.iterdir())
     sft_model = GPT2LMHeadModel.from_pretrained(entry.folder)  # the merged SFT model, plain
-    reward_entry = stages.ensure_reward_model(profile, progress=False)  # adapters and head, merged when saved
+    # a LoRA reward model when asked (tiny's default stays full: RewardModelConfig.for_profile), merged when saved
+    reward_entry = stages.ensure_reward_model(
+        profile, config=RewardModelConfig.for_profile(profile, lora_rank=RANK), progress=False
+    )
     assert reward_entry.config["lora_rank"] == RANK
     assert not any("adapter" in path.name for path in reward_entry.folder.iterdir())
     assert type(GPT2ForSequenceClassification.from_pretrained(reward_entry.folder)) is GPT2ForSequenceClassification
@@ -374,7 +377,6 @@ def test_every_trainer_config_takes_the_profiles_rank_and_a_lora_learning_rate()
     full, tiny = get_profile("tiny"), get_profile("tiny").with_overrides(lora_rank=RANK)
     pairs = [  # (config, its learning rate, LoRA's scale of it): 10x; PPO's a third of that (rlhf.LORA_PPO_SCALE)
         (SFTConfig, "learning_rate", 10),
-        (RewardModelConfig, "learning_rate", 10),
         (PPOConfig, "policy_learning_rate", 10 / 3),
         (DPOConfig, "learning_rate", 10),
         (CriticFreeConfig, "learning_rate", 10 / 3),  # PPO's policy learning rate: one frontier
@@ -385,6 +387,14 @@ def test_every_trainer_config_takes_the_profiles_rank_and_a_lora_learning_rate()
         assert getattr(with_lora, rate) == pytest.approx(scale * getattr(without, rate))
         assert config_class.for_profile(full, lora_rank=4).lora_rank == 4  # an override wins
         assert getattr(config_class.for_profile(full, lora_rank=4), rate) == pytest.approx(getattr(with_lora, rate))
+    # the reward model: LoRA on the hub profiles; on tiny only when asked (a LoRA reward model stays at chance there)
+    medium = get_profile("gpt2-medium")
+    assert RewardModelConfig.for_profile(tiny).lora_rank == 0
+    assert RewardModelConfig.for_profile(medium).lora_rank == RANK
+    assert RewardModelConfig.for_profile(medium).learning_rate == pytest.approx(
+        10 * RewardModelConfig.for_profile(medium, lora_rank=0).learning_rate
+    )
+    assert RewardModelConfig.for_profile(full, lora_rank=4).lora_rank == 4
     lora_ppo, full_ppo = PPOConfig.for_profile(tiny), PPOConfig.for_profile(full)
     assert lora_ppo.value_learning_rate == pytest.approx(10 / 3 * full_ppo.value_learning_rate)
     assert not lora_ppo.shared_value_trunk  # the value model: adapters on the reward model's weights
