@@ -134,6 +134,10 @@ class PPOConfig:
                 name: defaults.get(name, getattr(cls, name)) for name in ("policy_learning_rate", "value_learning_rate")
             }
             defaults.update(lora_rank=lora_rank, **{name: LORA_PPO_SCALE * rate for name, rate in rates.items()})
+            # and shuffled minibatches: on tiny, LoRA PPO on minibatches of similar length (each step's rows
+            # all short, or all long: biased steps the few adapters follow) ended at rollout gold +0.16, no
+            # better than the LoRA SFT model's +0.22; shuffled, +0.50 (the mean of the last 5 iterations)
+            defaults.update(length_sorted_minibatches=False)
         if profile.quick:  # a smoke test (config.quick_variant): a few small iterations
             defaults.update(
                 iterations=4,

@@ -398,6 +398,7 @@ def test_every_trainer_config_takes_the_profiles_rank_and_a_lora_learning_rate()
     lora_ppo, full_ppo = PPOConfig.for_profile(tiny), PPOConfig.for_profile(full)
     assert lora_ppo.value_learning_rate == pytest.approx(10 / 3 * full_ppo.value_learning_rate)
     assert not lora_ppo.shared_value_trunk  # the value model: adapters on the reward model's weights
+    assert full_ppo.length_sorted_minibatches and not lora_ppo.length_sorted_minibatches  # see PPOConfig.for_profile
 
 
 # ----- memory ----------------------------------------------------------------------------------------
