@@ -244,8 +244,9 @@ def parser() -> OneLineParser:
     run.add_argument(
         "--lora",
         action="store_true",
-        help="train LoRA adapters (peft) instead of every weight, in SFT, PPO, DPO, GRPO and RLOO; "
-        "pi_ref is the policy with its adapters off (gpt2-medium and gpt2-large: the default)",
+        help="train LoRA adapters (peft) instead of every weight, in SFT, PPO, DPO, GRPO and RLOO, and in "
+        "the reward model on the hub profiles; pi_ref is the policy with its adapters off (gpt2-medium and "
+        "gpt2-large: the default)",
     )
     run.add_argument(
         "--lora-rank",
