@@ -14,8 +14,8 @@ A *profile* says which world the course runs in:
 
 A profile's ``lora_rank`` (0: full fine-tuning) is the default of every policy trainer's config (SFT, PPO,
 DPO, the critic-free loop) and, on the hub profiles, of the reward model's (``RewardModelConfig.for_profile``
-says why not on tiny): ``profile.with_overrides(lora_rank=8)`` (``run --lora``) trains LoRA adapters, and since the configs hold the rank, full and LoRA results never share a
-cached stage.
+says why not on tiny): ``profile.with_overrides(lora_rank=8)`` (``run --lora``) trains LoRA adapters, and
+since the configs hold the rank, full and LoRA results never share a cached stage.
 
 The profile is chosen by argument, else by the ``RLHF_PROFILE`` environment variable, else ``auto``.
 

@@ -83,6 +83,9 @@ def load_causal_lm(
     except OSError as error:
         raise pretrained_error(name_or_path, "model", error) from error
     disable_dropout(fused_gelu(model))
+    # transformers finds no loss for the class name GPT2LMHeadModel and warns, at a call with labels=, that
+    # it falls back to the causal-LM loss: name that loss here (the course computes its own losses anyway)
+    model.loss_type = "ForCausalLM"
     if device is not None:
         model.to(device)
     return model.eval()
