@@ -1,6 +1,7 @@
 """The chapters as files: the Colab setup cell they share, and the command that re-executes them.
 
-    python -m rlhf_core.notebooks [NN ...] [--timeout S]     (to be wired as ``python -m rlhf_core chapters``)
+    python -m rlhf_core chapters [NN ...] [--timeout S]
+    python -m rlhf_core.notebooks [NN ...] [--timeout S] [--profile P]     (the same, in another profile)
 
 re-executes the chapters in order (all of them, or those whose file names start with ``NN``), in place,
 in the ``tiny`` profile, each in a fresh kernel started in ``chapters/``. What it writes back is what
