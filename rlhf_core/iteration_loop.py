@@ -38,6 +38,15 @@ from .training import InterruptGuard, load_checkpoint, save_checkpoint
 CHECKPOINT_MARK = "training_state.pt"  # a folder holding this file has a checkpoint to resume
 # Config fields a resumed run may change: when to save and what to keep for reading, never what is computed.
 BOOKKEEPING_FIELDS = ("checkpoint_every", "sample_every")
+ITERATION_PHASES = ("seconds_generate", "seconds_score", "seconds_train")  # each iteration record's timings
+
+
+def seconds_per_iteration(history: list[dict]) -> float | None:
+    """The mean wall time of one iteration of a run (sampling, scoring, the update epochs), from its history;
+    ``None`` for a run with no iterations. A cached run keeps the timings of the run that trained it."""
+    if not history:
+        return None
+    return sum(sum(record[phase] for phase in ITERATION_PHASES) for record in history) / len(history)
 
 
 class IterationLoop:

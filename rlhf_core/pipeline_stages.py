@@ -23,6 +23,7 @@ from .demonstrations import EVAL_DEMONSTRATION_SEED, DemonstratorConfig, mean_go
 from .dpo import DPOConfig
 from .evaluation import gold_summary
 from .grpo import CriticFreeConfig
+from .iteration_loop import seconds_per_iteration
 from .models import count_parameters
 from .pipeline_run import PipelineRun, cached_or_measure, series, stage_file  # noqa: F401 (stage_file: the API)
 from .preferences import PreferenceConfig, gold_agreement, labeler_accuracy_cap, load_preferences
@@ -360,8 +361,8 @@ def critic_free_stage(run: PipelineRun, method: str) -> list[Path]:
     # The wall time of one iteration (sampling P * k responses, scoring them, the update epochs), from the run whose
     # policy was just loaded, not from the stored measurement: a retrained run with the same weights (training is
     # seeded) reuses the measurement, but its timings are its own.
-    seconds = [row["seconds_generate"] + row["seconds_score"] + row["seconds_train"] for row in history]
-    run.results[method]["metrics"]["seconds_per_iteration"] = round(float(np.mean(seconds)), 3) if seconds else None
+    seconds = seconds_per_iteration(history)
+    run.results[method]["metrics"]["seconds_per_iteration"] = None if seconds is None else round(seconds, 3)
     return files
 
 

@@ -32,6 +32,7 @@ from rlhf_core.grpo import (
     token_weights,
 )
 from rlhf_core.grpo_trainer import CriticFreeTrainer
+from rlhf_core.iteration_loop import seconds_per_iteration
 from rlhf_core.logprobs import response_logprobs
 from rlhf_core.models import load_causal_lm
 from rlhf_core.rlhf import PPOConfig, ValueModel
@@ -434,3 +435,12 @@ def test_bf16_autocast_runs_an_iteration_with_float32_losses(three_models, token
     record = trainer.step()
     assert trainer.state.precision == "bf16"
     assert all(math.isfinite(record[name]) for name in ("policy_loss", "kl", "entropy", "reward_model_score"))
+
+
+def test_seconds_per_iteration_is_the_mean_of_the_three_phases():
+    history = [
+        {"iteration": 1, "seconds_generate": 0.5, "seconds_score": 0.25, "seconds_train": 1.0, "gold": 0.3},
+        {"iteration": 2, "seconds_generate": 0.25, "seconds_score": 0.5, "seconds_train": 2.0, "gold": 0.4},
+    ]
+    assert seconds_per_iteration(history) == pytest.approx((1.75 + 2.75) / 2)
+    assert seconds_per_iteration([]) is None
